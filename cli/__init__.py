@@ -1,0 +1,1 @@
+"""The `fedmef` command-line application (installed as fedmef_toolkit.cli)."""

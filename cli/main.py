@@ -1,0 +1,23 @@
+"""Entry point of the `fedmef` console script."""
+
+from __future__ import annotations
+
+import click
+
+from fedmef_toolkit import __version__
+
+from .recipes import recipes
+from .train import train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fedmef")
+def main():
+    """fedmef-toolkit: memory-efficient federated dynamic pruning (FedMef and baselines)."""
+
+
+main.add_command(train)
+main.add_command(recipes)
+
+if __name__ == "__main__":
+    main()

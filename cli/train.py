@@ -1,0 +1,68 @@
+"""`fedmef train`: run a recipe in the built-in simulator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from fedmef_toolkit.errors import UserError
+from fedmef_toolkit.recipe import load_recipe
+
+from .common import console, err_console, user_errors
+
+
+def _run_dir(recipe) -> Path:
+    name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(recipe.output.dir).expanduser() / name
+
+
+@click.command()
+@click.option("--recipe", "recipe_name", help="Recipe file, or the name of a bundled recipe (e.g. quickstart.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (repeatable), e.g. --set fl.rounds=50.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Continue the run in this run directory from its checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No live progress bar (metrics still go to metrics.jsonl).")
+@user_errors
+def train(recipe_name, overrides, resume_dir, no_progress):
+    """Train a federated model from a recipe."""
+    from fedmef_toolkit.fl.simulator import Simulator
+
+    if resume_dir is not None:
+        if recipe_name or overrides:
+            raise UserError("--resume takes the recipe saved in the run directory; drop --recipe/--set")
+        recipe_file = resume_dir / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise UserError("not a run directory (no recipe.yaml)", str(resume_dir))
+        recipe = load_recipe(str(recipe_file))
+        run_dir = resume_dir
+    else:
+        if not recipe_name:
+            raise UserError("give --recipe FILE (or a bundled recipe name), or --resume RUN_DIR")
+        recipe = load_recipe(recipe_name, list(overrides))
+        run_dir = _run_dir(recipe)
+    err_console.print(f"[bold]fedmef[/] {recipe.method.name} | {recipe.model.arch}/{recipe.model.norm} | "
+                      f"{recipe.data.dataset} | run dir {run_dir}", highlight=False)
+    sim = Simulator(recipe, run_dir, console=err_console, show_progress=not no_progress)
+    if resume_dir is not None:
+        sim.resume()
+        err_console.print(f"resuming after round {sim.start_round}", highlight=False)
+    else:
+        sim.write_run_files()
+    if recipe.output.memory_report and resume_dir is None:
+        _memory_report(sim)
+    rows = sim.run()
+    last = next((r for r in reversed(rows) if "eval_acc" in r), None)
+    if last:
+        console.print(f"final {last.get('eval_split', 'val')} accuracy [bold]{last['eval_acc']:.4f}[/] after round "
+                      f"{last['round']}; run dir: {run_dir}", highlight=False)
+    else:
+        console.print(f"nothing left to train; run dir: {run_dir}", highlight=False)
+
+
+def _memory_report(sim) -> None:
+    try:
+        from fedmef_toolkit.memory.report import write_report_for_simulator
+    except ImportError:
+        return
+    write_report_for_simulator(sim, quiet=True)

@@ -1,0 +1,3 @@
+"""fedmef-toolkit: memory-efficient federated dynamic pruning (FedMef and baselines)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""Uniform access to the files of a data set given as a directory or an archive.
+
+`iter_files(root)` yields (relative posix path, bytes) for every regular file
+in a directory tree or a .tar/.tar.gz/.tgz/.tar.xz/.zip archive, streaming
+archives in one pass (xz archives cannot seek cheaply).
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import UserError
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def iter_files(root: Path, wanted=lambda rel: True) -> Iterator[tuple[str, bytes]]:
+    """Yield (relative path, content) for files whose relative path passes `wanted`."""
+    if not root.exists():
+        raise UserError("data set path not found", str(root))
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and wanted(rel):
+                yield rel, path.read_bytes()
+        return
+    name = root.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(root) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and wanted(info.filename):
+                        yield info.filename, zf.read(info)
+            return
+        if name.endswith(ARCHIVE_SUFFIXES):
+            with tarfile.open(root, "r:*") as tf:
+                for member in tf:
+                    if member.isfile() and wanted(member.name):
+                        handle = tf.extractfile(member)
+                        if handle is not None:
+                            yield member.name.lstrip("./") if member.name.startswith("./") else member.name, handle.read()
+            return
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise UserError(f"cannot read archive: {exc}", str(root)) from None
+    raise UserError(f"not a directory or a supported archive ({', '.join(ARCHIVE_SUFFIXES)})", str(root))

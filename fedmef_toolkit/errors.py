@@ -1,0 +1,15 @@
+"""User-facing errors: one line, naming the file and the problem.
+
+The CLI catches `UserError` and prints its message with exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input (recipe, data set, model file)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, source: str | None = None):
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)

@@ -1,0 +1,35 @@
+"""Safe reading of model weight files: never executes code from a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, or a one-line UserError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("file not found", str(path))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise UserError(f"not a valid safetensors file ({str(exc).splitlines()[0][:200]})", str(path)) from None
+    return tensors, meta
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A dense state dict from a dense or sparse safetensors file."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") == "fedmef-sparse":
+        from .sparse_format import densify
+
+        return densify(tensors, meta, str(path))
+    return tensors

@@ -1,0 +1,1 @@
+"""Federated simulation: strategies on one engine and one client trainer."""

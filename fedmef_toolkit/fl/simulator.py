@@ -1,0 +1,223 @@
+"""The built-in federated simulator: rounds of sample -> train -> aggregate -> adjust.
+
+`Simulator(recipe, run_dir)` builds data, model and strategy from the recipe;
+`run()` executes the remaining rounds, writing metrics.jsonl, checkpoints and
+the final model into the run directory. Resuming reloads the checkpoint and
+continues; every random draw is derived from (seed, round, client), so a
+resumed CPU run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..data import DataBundle, load_data
+from ..data.augment import DeviceAugment
+from ..data.partition import class_histograms, partition
+from ..errors import UserError
+from ..models import build_from_kwargs, model_kwargs_from_spec
+from ..recipe import Recipe, recipe_to_yaml
+from ..sparse.masks import get_masks, mask_density
+from ..sparse.schedules import round_lr
+from .checkpoint import load_checkpoint, save_checkpoint, save_model
+from .client import ClientData, ClientTrainer
+from .engine import ENGINES
+from .evaluate import evaluate
+from .strategies import build_strategy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_init_weights(model: nn.Module, path: str) -> None:
+    """Initial weights from a safetensors file (e.g. written by `fedmef convert`)."""
+    from ..export.io import read_state_dict
+
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("weight_mask")]
+    bad = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        what = f"missing {missing[:3]}" if missing else f"shape mismatch for {bad[:3]}"
+        raise UserError(f"model.init does not fit model '{model.__class__.__name__}': {what}", path)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict
+
+
+class Simulator:
+    def __init__(self, recipe: Recipe, run_dir: Path, console=None, show_progress: bool = True):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.console = console
+        self.show_progress = show_progress
+        self.device = resolve_device(recipe.device)
+        torch.manual_seed(recipe.seed)
+        self.data: DataBundle = load_data(recipe.data, recipe.eval.split, recipe.seed)
+        self._partition()
+        self.model = self.build_model().to(self.device)
+        self.strategy = build_strategy(recipe)
+        self.strategy.setup(self.model, recipe.seed)
+        mean, std = self.data.channel_stats()
+        self.augment = DeviceAugment(mean, std, enabled=recipe.data.augment).to(self.device)
+        self.train_x = self.data.train_x.to(self.device)
+        self.train_y = self.data.train_y.to(self.device)
+        self.eval_x = self.data.eval_x.to(self.device)
+        self.eval_y = self.data.eval_y.to(self.device)
+        fl = recipe.fl
+        self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
+                                     batch_size=fl.batch_size, momentum=fl.momentum,
+                                     weight_decay=fl.weight_decay, precision=recipe.precision)
+        self.engine = ENGINES[fl.engine](self.trainer, recipe.seed)
+        self.start_round = 0
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
+
+    # -- construction -------------------------------------------------------
+    @property
+    def model_kwargs(self) -> dict:
+        return model_kwargs_from_spec(self.recipe.model, self.data.num_classes, self.data.image_size)
+
+    def build_model(self) -> nn.Module:
+        model = build_from_kwargs(self.model_kwargs)
+        if self.recipe.model.init:
+            load_init_weights(model, self.recipe.model.init)
+        return model
+
+    def _partition(self) -> None:
+        d = self.recipe.data
+        labels = self.data.train_y.numpy()
+        self.parts = partition(labels, d.partition, d.num_clients, d.alpha, d.min_samples, self.recipe.seed)
+        self.histograms = class_histograms(labels, self.parts, self.data.num_classes)
+        self.client_indices = [torch.from_numpy(p).to(torch.int64) for p in self.parts]
+
+    # -- run directory ------------------------------------------------------
+    def write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        (self.run_dir / "partition.json").write_text(json.dumps({
+            "num_clients": len(self.parts), "classes": self.data.classes,
+            "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
+
+    def resume(self) -> None:
+        model_state, strat, state = load_checkpoint(self.run_dir)
+        if state.get("recipe_digest") != self.recipe.digest():
+            raise UserError("checkpoint was written by a different recipe; refusing to mix them", str(self.run_dir))
+        self.model.load_state_dict(model_state, strict=False)
+        for name, mask in {k[:-len(".weight_mask")]: v for k, v in model_state.items()
+                           if k.endswith("weight_mask")}.items():
+            dict(self.model.named_modules())[name].weight_mask.copy_(mask)
+        self.strategy.load_state_tensors(strat)
+        self.start_round = int(state["round"])
+        self.totals = state["totals"]
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():  # drop rounds logged after the checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["round"] <= self.start_round]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    def checkpoint(self, t: int) -> None:
+        save_checkpoint(self.run_dir, self.model.state_dict(), self.strategy.state_tensors(),
+                        {"round": t, "recipe_digest": self.recipe.digest(), "totals": self.totals,
+                         "version": __version__})
+
+    def save_final_model(self, t: int, acc: float | None) -> None:
+        meta = {"format": "fedmef-dense", "round": t, "model": json.dumps(self.model_kwargs),
+                "recipe_digest": self.recipe.digest(), "val_accuracy": "" if acc is None else f"{acc:.6f}",
+                "toolkit_version": __version__}
+        save_model(self.run_dir / "model.safetensors", self.model.state_dict(), meta)
+
+    # -- one round ----------------------------------------------------------
+    def sample_clients(self, t: int) -> list[int]:
+        rng = np.random.default_rng([self.recipe.seed, t])
+        return sorted(rng.choice(len(self.parts), self.recipe.fl.clients_per_round, replace=False).tolist())
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        return evaluate(model, self.eval_x, self.eval_y, self.augment.normalize, self.recipe.eval.batch_size,
+                        self.recipe.precision)
+
+    def run_round(self, t: int) -> dict:
+        fl = self.recipe.fl
+        t0 = time.perf_counter()
+        lr = round_lr(t, fl.rounds, fl.lr, fl.lr_schedule, fl.lr_decay)
+        cids = self.sample_clients(t)
+        clients = [ClientData(c, self.client_indices[c].to(self.device)) for c in cids]
+        row: dict = {"round": t, "lr": lr, "clients": cids}
+        row.update(self.strategy.begin_round(t, self.model))
+        down = self.strategy.download_bytes(self.model, t) * len(clients)
+        self.phase = "clients"  # the global model is untouched until aggregation
+        results = self.engine.run_round(t, self.model, clients, lambda: self.strategy.client_plan(t, lr, self.model))
+        self.phase = "server"
+        up = sum(self.strategy.upload_bytes(r) for r in results)
+        self.strategy.aggregate(self.model, results, t)
+        row.update(self.strategy.end_round(t, self.model, results, self.evaluate))
+        samples = sum(r.num_samples for r in results) * fl.local_epochs
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        weights = [r.num_samples for r in results]
+        row["train_loss"] = float(np.average([r.loss for r in results], weights=weights))
+        for key in sorted({k for r in results for k in r.logs}):
+            vals = [r.logs[key] for r in results if key in r.logs]
+            row[f"client_{key}"] = float(np.mean(vals))
+        masks = get_masks(self.model)
+        row["density"] = mask_density(masks) if masks else 1.0
+        self.totals["bytes_up"] += up
+        self.totals["bytes_down"] += down
+        self.totals["samples"] += samples
+        self.totals["time_s"] += elapsed
+        row.update({"bytes_up": up, "bytes_down": down, "bytes_up_total": self.totals["bytes_up"],
+                    "bytes_down_total": self.totals["bytes_down"], "samples": samples,
+                    "time_s": round(elapsed, 4), "samples_per_s": round(samples / max(elapsed, 1e-9), 1)})
+        if t % self.recipe.eval.every == 0 or t == fl.rounds:
+            acc, loss = self.evaluate(self.model)
+            row.update({"eval_acc": acc, "eval_loss": loss, "eval_split": self.data.eval_name})
+        if self.device.type == "cuda":
+            row["cuda_max_mem_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return row
+
+    # -- the loop -----------------------------------------------------------
+    def run(self) -> list[dict]:
+        from ..progress import RoundProgress
+
+        fl, out = self.recipe.fl, self.recipe.output
+        rows: list[dict] = []
+        last_acc = None
+        t = self.start_round
+        self.phase = "idle"
+        with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
+                open(self.run_dir / "metrics.jsonl", "a") as log:
+            try:
+                for t in range(self.start_round + 1, fl.rounds + 1):
+                    row = self.run_round(t)
+                    self.phase = "idle"
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    rows.append(row)
+                    last_acc = row.get("eval_acc", last_acc)
+                    progress.update(row)
+                    if t % out.checkpoint_every == 0 or t == fl.rounds:
+                        self.checkpoint(t)
+            except KeyboardInterrupt:
+                # Only a model untouched by the interrupted round may be saved as round t-1;
+                # an interrupt during server work keeps the last periodic checkpoint.
+                if self.phase in ("clients", "idle") and t - 1 >= self.start_round:
+                    self.checkpoint(t - 1)
+                raise
+        self.save_final_model(fl.rounds, last_acc)
+        return rows

@@ -1,0 +1,160 @@
+"""FedMef: server-side dynamic pruning with budget-aware extrusion (SPEC 2-3).
+
+Every DeltaT rounds up to T_end the server prunes, per layer, the k_l
+smallest active weights (theta_low) and grows the k_l inactive entries with
+the largest aggregated client gradient. theta_low is computed at the start
+of the round that ends with the adjustment and sent with the model, so
+clients can (a) extrude it with BaE and (b) include it among the candidates
+of their sparse gradient upload. With `bae.enabled: false` the same server
+adjustment runs without extrusion (the "FedMef w/o BaE" ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ...sparse.adjust import prune_and_grow, smallest_active, sum_messages, topk_message
+from ...sparse.masks import get_masks, prunable_modules
+from ...sparse.schedules import (adjustment_fraction, bae_step_size, is_adjustment_round, is_extrusion_round,
+                                 next_adjustment_round, swap_count)
+from ..comm import mask_bytes
+from ..plan import ClientPlan
+from .sparse import StaticSparse
+
+
+class GrowthPlan(ClientPlan):
+    """After local training, send the top-k_l gradient entries among each layer's candidates."""
+
+    def __init__(self, lr: float, request: dict[str, tuple[int, torch.Tensor]] | None, full_grad: bool):
+        super().__init__(lr)
+        self.request = request  # layer -> (k_l, candidate mask)
+        self.full_grad = full_grad
+
+    def finish(self, model, trainer, client, gen) -> dict:
+        if not self.request:
+            return {}
+        grads = trainer.effective_weight_grads(model, client, gen, self.full_grad)
+        return {"grow": {name: topk_message(grads[name], cand, k) for name, (k, cand) in self.request.items()}}
+
+
+class BaEPlan(GrowthPlan):
+    """Budget-aware extrusion: lambda * ||theta_low||^2 in the loss, step size max(eta, beta)."""
+
+    def __init__(self, lr, request, full_grad, low: dict[str, torch.Tensor], bae, lr0: float, window_offset: int):
+        super().__init__(lr, request, full_grad)
+        self.low, self.bae, self.lr0 = low, bae, lr0
+        self.window_offset = window_offset  # rounds of the extrusion window already behind this one
+
+    def begin(self, model, total_steps):
+        mods = prunable_modules(model)
+        self.pairs = [(mods[n].weight, m.to(mods[n].weight.device)) for n, m in self.low.items()]
+        self.budget = total_steps * self.bae.rounds
+        self.step0 = self.window_offset * total_steps
+
+    def low_norm(self, order: str = "l2") -> torch.Tensor:
+        if order == "l1":
+            return sum((w * m).abs().sum() for w, m in self.pairs)
+        return torch.sqrt(sum(((w * m) ** 2).sum() for w, m in self.pairs))
+
+    def extra_loss(self, model):
+        sq = sum(((w * m) ** 2).sum() for w, m in self.pairs)
+        return self.bae.lam * (sq if self.bae.penalty == "l2sq" else torch.sqrt(sq + 1e-24))
+
+    def step_lr(self, step, model):
+        with torch.no_grad():
+            norm = float(self.low_norm(self.bae.sigmoid_norm))  # one sync per step, extrusion rounds only
+        s = min(self.step0 + step, self.budget - 1)
+        return bae_step_size(s, self.budget, self.lr, self.lr0, norm, self.bae.psi, self.bae.max_lr)
+
+
+class FedMef(StaticSparse):
+    name = "fedmef"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.low: dict[str, torch.Tensor] = {}  # theta_low of the coming adjustment, once computed
+        self.low_round: int | None = None  # the adjustment round it belongs to
+
+    # -- server -> client ---------------------------------------------------
+    def _prepare_low(self, t: int, model: nn.Module) -> None:
+        """Compute theta_low when a window ending in an adjustment round starts."""
+        sp = self.recipe.method.sparsity
+        window = self.recipe.method.bae.rounds if self.recipe.method.bae.enabled else 1
+        target = next_adjustment_round(t, sp.delta_t, sp.t_end)
+        if target is None or target - t >= window or self.low_round == target:
+            return
+        frac = adjustment_fraction(target, sp.alpha, sp.t_end)
+        mods = prunable_modules(model)
+        self.low = {}
+        for name, mask in get_masks(model).items():
+            if bool(mask.all()):
+                continue  # dense layers (ERK fallback) are not adjusted
+            k = swap_count(frac, int(mask.sum()))
+            self.low[name] = smallest_active(mods[name].weight, mask, k)
+        self.low_round = target
+
+    def begin_round(self, t: int, model: nn.Module) -> dict:
+        self._prepare_low(t, model)
+        if self.low_round is not None and self.recipe.method.bae.enabled and self.low_round - t < self.recipe.method.bae.rounds:
+            return {"low_norm_start": self._low_norm(model)}
+        return {}
+
+    def _low_norm(self, model) -> float:
+        mods = prunable_modules(model)
+        return float(torch.sqrt(sum(((mods[n].weight * m) ** 2).sum() for n, m in self.low.items())))
+
+    def client_plan(self, t, lr, model):
+        sp, bae = self.recipe.method.sparsity, self.recipe.method.bae
+        request = None
+        if is_adjustment_round(t, sp.delta_t, sp.t_end) and self.low_round == t:
+            masks = get_masks(model)
+            request = {n: (int(low.sum()), ~masks[n] | low) for n, low in self.low.items()}
+        full = sp.grow_grad == "full"
+        if bae.enabled and self.low_round is not None and is_extrusion_round(t, sp.delta_t, sp.t_end, bae.rounds):
+            offset = bae.rounds - 1 - (self.low_round - t)
+            return BaEPlan(lr, request, full, self.low, bae, self.recipe.fl.lr, offset)
+        return GrowthPlan(lr, request, full)
+
+    def download_bytes(self, model, t):
+        extra = sum(mask_bytes(m) for m in self.low.values()) if self.low_round is not None and self.low_round - t < max(1, self.recipe.method.bae.rounds) else 0
+        return super().download_bytes(model, t) + extra
+
+    # -- server -------------------------------------------------------------
+    def end_round(self, t, model, results, evaluate):
+        sp = self.recipe.method.sparsity
+        logs = {}
+        if self.low_round is not None and self.recipe.method.bae.enabled and self.low_round - t < self.recipe.method.bae.rounds:
+            logs["low_norm_end"] = self._low_norm(model)
+        if not (is_adjustment_round(t, sp.delta_t, sp.t_end) and self.low_round == t):
+            return logs
+        acc_before, _ = evaluate(model)
+        total_w = float(sum(r.num_samples for r in results))
+        mods = prunable_modules(model)
+        masks = get_masks(model)
+        swapped = 0
+        with torch.no_grad():
+            for name, low in self.low.items():
+                msgs = [(*r.upload["grow"][name], r.num_samples / total_w) for r in results]
+                score = sum_messages(low.shape, msgs, device=low.device)
+                new_mask, grown = prune_and_grow(masks[name], low, score)
+                mods[name].weight_mask.copy_(new_mask)
+                mods[name].weight.mul_(new_mask)
+                mods[name].weight.masked_fill_(grown, 0.0)  # grown entries start at exactly 0
+                swapped += int(low.sum())
+        acc_after, _ = evaluate(model)
+        logs.update({"adjusted": True, "swapped": swapped, "acc_before_adjust": acc_before,
+                     "acc_after_adjust": acc_after})
+        self.low, self.low_round = {}, None
+        return logs
+
+    # -- checkpointing ------------------------------------------------------
+    def state_tensors(self):
+        out = {f"low.{n}": m for n, m in self.low.items()}
+        if self.low_round is not None:
+            out["low_round"] = torch.tensor([self.low_round])
+        return out
+
+    def load_state_tensors(self, tensors):
+        self.low = {k[4:]: v.bool() for k, v in tensors.items() if k.startswith("low.")}
+        self.low_round = int(tensors["low_round"][0]) if "low_round" in tensors else None

@@ -1,0 +1,48 @@
+"""Model registry: `get_model(name, num_classes, norm=..., ...)` like torchvision's."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from .blocks import NormPolicy
+from .cnn import CNN4
+from .mobilenetv2 import MobileNetV2
+from .resnet import ResNet18
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": ResNet18,
+    "mobilenetv2": MobileNetV2,
+    "cnn4": CNN4,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    _REGISTRY[name] = builder
+
+
+def get_model(name: str, num_classes: int = 10, *, norm: str = "bn", width: float = 1.0, image_size: int = 32,
+              nsconv_stats: str = "active", nsconv_unbiased: bool = False, nsconv_eps: float = 1e-4) -> nn.Module:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}")
+    policy = NormPolicy(norm, nsconv_stats, nsconv_unbiased, nsconv_eps)
+    return _REGISTRY[name](num_classes=num_classes, width=width, image_size=image_size, policy=policy)
+
+
+def model_kwargs_from_spec(spec, num_classes: int, image_size: int) -> dict:
+    """The registry arguments a recipe's model section stands for (stored in exports)."""
+    return {
+        "name": spec.arch, "num_classes": num_classes, "norm": spec.norm, "width": spec.width,
+        "image_size": image_size, "nsconv_stats": spec.nsconv.stats, "nsconv_unbiased": spec.nsconv.unbiased,
+        "nsconv_eps": spec.nsconv.eps,
+    }
+
+
+def build_from_kwargs(kwargs: dict) -> nn.Module:
+    kwargs = dict(kwargs)
+    return get_model(kwargs.pop("name"), **kwargs)

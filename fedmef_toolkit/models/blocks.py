@@ -1,0 +1,43 @@
+"""How a model's conv + normalisation + activation units are built.
+
+A `NormPolicy` is the single switch between the BatchNorm model (what the
+baselines train) and the BN-free NSConv model (what FedMef trains); the
+architectures ask it for units and never test the norm themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+from ..layers import NSConv2d, ScaledReLU
+
+
+class NormPolicy:
+    def __init__(self, norm: str = "bn", stats: str = "active", unbiased: bool = False, eps: float = 1e-4):
+        if norm not in ("bn", "nsconv"):
+            raise ValueError(f"norm must be 'bn' or 'nsconv', got {norm!r}")
+        self.norm = norm
+        self.nsconv_kwargs = {"stats": stats, "unbiased": unbiased, "eps": eps}
+
+    @property
+    def residual_scale(self) -> float:
+        """Without BN, a residual sum of two unit-variance signals is rescaled by 1/sqrt(2)."""
+        return 1.0 if self.norm == "bn" else 1.0 / math.sqrt(2.0)
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Module:
+        pad = k // 2
+        if self.norm == "nsconv":
+            return NSConv2d(cin, cout, k, stride, pad, groups=groups, bias=True, **self.nsconv_kwargs)
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+    def act(self, relu6: bool = False) -> nn.Module:
+        if self.norm == "nsconv":
+            return ScaledReLU()
+        return nn.ReLU6(inplace=False) if relu6 else nn.ReLU(inplace=False)
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new

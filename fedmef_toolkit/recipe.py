@@ -1,0 +1,360 @@
+"""Recipes: the typed, validated description of a whole experiment.
+
+A recipe is a YAML mapping whose sections mirror the dataclasses below. Every
+field has a default, so a recipe only states what differs. `load_recipe`
+reads a file (or a bundled recipe by name), applies `--set key.path=value`
+overrides and validates everything, raising `UserError` with a one-line
+message that names the file and the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.resources
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
+    """A recipe field with its validation range or choices."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticSpec:
+    num_samples: int = _f(4000, lo=20, help="training + validation images generated")
+    num_classes: int = _f(10, lo=2, hi=1000)
+    image_size: int = _f(16, lo=8, hi=256)
+    noise: float = _f(0.35, lo=0.0, hi=5.0, help="pixel noise relative to the class pattern")
+
+
+@dataclass
+class DataSpec:
+    dataset: str = _f("synthetic", choices=["synthetic", "cifar10", "cinic10", "imagefolder", "tinyimagenet"])
+    root: str | None = _f(None, help="data set directory or archive (.tar, .tar.gz, .tar.xz, .zip)")
+    download: bool = _f(False, help="cifar10 only: download into root if missing")
+    cache_dir: str | None = _f(None, help="decoded uint8 cache (default ~/.cache/fedmef)")
+    partition: str = _f("dirichlet", choices=["iid", "dirichlet"])
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, help="Dirichlet concentration")
+    num_clients: int = _f(100, lo=1)
+    min_samples: int = _f(10, lo=1, help="minimum training samples per client")
+    val_split: float = _f(0.1, lo=0.0, hi=0.9, help="fraction of training data held out for validation when no test split is used")
+    augment: bool = _f(True, help="random crop (pad 4) + horizontal flip on the device")
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+
+@dataclass
+class NSConvSpec:
+    stats: str = _f("active", choices=["active", "all"], help="standardise over active entries or all entries then mask")
+    unbiased: bool = _f(False)
+    eps: float = _f(1e-4, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ModelSpec:
+    arch: str = _f("resnet18", choices=["resnet18", "mobilenetv2", "cnn4"])
+    norm: str = _f("bn", choices=["bn", "nsconv"])
+    width: float = _f(1.0, lo=0.0, lo_open=True, hi=8.0, help="channel width multiplier")
+    init: str | None = _f(None, help="initial weights: a safetensors file (e.g. from `fedmef convert`)")
+    nsconv: NSConvSpec = field(default_factory=NSConvSpec)
+
+
+@dataclass
+class FLSpec:
+    rounds: int = _f(500, lo=1)
+    clients_per_round: int = _f(10, lo=1)
+    local_epochs: int = _f(5, lo=1)
+    batch_size: int = _f(64, lo=1)
+    optimizer: str = _f("sgd", choices=["sgd"])
+    lr: float = _f(0.01, lo=0.0, lo_open=True)
+    lr_schedule: str = _f("constant", choices=["constant", "cosine", "exp"], help="over rounds")
+    lr_decay: float = _f(0.998, lo=0.0, lo_open=True, hi=1.0, help="per-round factor for lr_schedule: exp")
+    momentum: float = _f(0.0, lo=0.0, hi=0.999)
+    weight_decay: float = _f(5e-4, lo=0.0)
+    engine: str = _f("sequential", choices=["sequential"])
+
+
+@dataclass
+class SparsitySpec:
+    density: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0)
+    distribution: str = _f("erk", choices=["erk", "uniform"])
+    init: str = _f("random", choices=["random", "magnitude"])
+    delta_t: int = _f(10, lo=1, help="rounds between mask adjustments")
+    t_end: int = _f(300, lo=1, help="last round with a mask adjustment")
+    alpha: float = _f(0.2, lo=0.0, hi=1.0, help="initial adjustment fraction (cosine-annealed)")
+    grow_grad: str = _f("batch", choices=["batch", "full"], help="client gradient for growth: one batch or all local data")
+
+
+@dataclass
+class BaESpec:
+    enabled: bool = _f(True)
+    rounds: int = _f(1, lo=1, help="rounds ending with an adjustment round that run extrusion")
+    lam: float = _f(0.01, lo=0.0)
+    penalty: str = _f("l2sq", choices=["l2sq", "l2"], help="lambda*||theta_low||^2 (paper) or unsquared (authors' code)")
+    sigmoid_norm: str = _f("l2", choices=["l2", "l1"])
+    max_lr: float | None = _f(None, lo=0.0, lo_open=True)
+    psi: float = _f(1.0, lo=0.0)
+
+
+@dataclass
+class SAPSpec:
+    enabled: bool = _f(False)
+    gamma: float = _f(0.5, lo=0.0, hi=0.999, help="fraction of each layer input dropped from what backward keeps")
+    selection: str = _f("per_sample", choices=["per_sample", "per_tensor"])
+
+
+@dataclass
+class MethodSpec:
+    name: str = _f("fedavg", choices=["fedavg", "fedavg_sparse", "feddst", "fedmef"])
+    sparsity: SparsitySpec = field(default_factory=SparsitySpec)
+    bae: BaESpec = field(default_factory=BaESpec)
+    sap: SAPSpec = field(default_factory=SAPSpec)
+
+
+@dataclass
+class EvalSpec:
+    every: int = _f(1, lo=1, help="evaluate the global model every n rounds (and at the last)")
+    batch_size: int = _f(512, lo=1)
+    split: str = _f("val", choices=["val", "test"], help="held-out part of the training data, or the data set's test split")
+
+
+@dataclass
+class OutputSpec:
+    dir: str = _f("runs")
+    name: str | None = _f(None, help="run directory name (default: recipe name + time)")
+    checkpoint_every: int = _f(10, lo=1)
+    memory_report: bool = _f(True, help="write memory.json at the start of training")
+
+
+@dataclass
+class Recipe:
+    name: str = _f("experiment")
+    seed: int = _f(0, lo=0)
+    device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
+    precision: str = _f("fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    fl: FLSpec = field(default_factory=FLSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# Building a recipe from plain data, with validation
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str, src: str):
+    """Check `value` against the field type `tp`; ints pass as floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, src)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", src)
+
+
+def _check_range(value, meta, where, src):
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        hint = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        more = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise UserError(f"{where}: '{value}' is not one of {', '.join(meta['choices'])}{more}", src)
+    lo, hi = meta["lo"], meta["hi"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: must be a finite number, got {value}", src)
+        if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+            op = ">" if meta["lo_open"] else ">="
+            raise UserError(f"{where}: must be {op} {lo}, got {value}", src)
+        if hi is not None and value > hi:
+            raise UserError(f"{where}: must be <= {hi}, got {value}", src)
+
+
+def _build(cls, data: Any, prefix: str, src: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__}", src)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            more = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise UserError(f"unknown key '{where}'{more}", src)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.", src)
+        else:
+            value = _coerce(value, tp, where, src)
+            _check_range(value, fields[key].metadata, where, src)
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_consistency(r: Recipe, src: str) -> None:
+    """Settings that are valid alone but not together."""
+    if r.fl.clients_per_round > r.data.num_clients:
+        raise UserError(
+            f"fl.clients_per_round ({r.fl.clients_per_round}) exceeds data.num_clients ({r.data.num_clients})", src
+        )
+    if r.data.dataset != "synthetic" and not r.data.root:
+        raise UserError(f"data.root is required for data.dataset '{r.data.dataset}'", src)
+    if r.data.dataset == "synthetic" and r.eval.split == "test":
+        raise UserError("eval.split: the synthetic data set has no test split; use 'val'", src)
+    if r.eval.split == "val" and r.data.val_split == 0.0:
+        raise UserError("eval.split is 'val' but data.val_split is 0: nothing would be held out", src)
+    if r.precision == "bf16" and r.device == "cpu":
+        raise UserError("precision: bf16 autocast is for CUDA; use fp32 on the CPU", src)
+    if not (r.device in ("auto", "cpu", "cuda") or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
+        raise UserError(f"device: '{r.device}' is not auto, cpu, cuda or cuda:N", src)
+    sp = r.method.sparsity
+    if r.method.name in ("feddst", "fedmef") and sp.t_end < sp.delta_t:
+        raise UserError(
+            f"method.sparsity.t_end ({sp.t_end}) < delta_t ({sp.delta_t}): no mask adjustment would ever run", src
+        )
+    if r.model.init and not Path(r.model.init).expanduser().exists():
+        raise UserError(f"model.init: file not found: {r.model.init}", src)
+    if r.data.root and not r.data.download and not Path(r.data.root).expanduser().exists():
+        raise UserError(f"data.root: not found: {r.data.root}", src)
+
+
+def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:
+    recipe = _build(Recipe, data, "", src)
+    _check_consistency(recipe, src)
+    return recipe
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def bundled_recipe_names() -> list[str]:
+    files = importlib.resources.files("fedmef_toolkit.recipes")
+    return sorted(p.name for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_recipe_path(name: str) -> tuple[str, str]:
+    """Return (source label, YAML text) for a path or a bundled recipe name."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        try:
+            return str(path), path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read recipe: {exc}", str(path)) from None
+    bundled = importlib.resources.files("fedmef_toolkit.recipes")
+    fname = name if name.endswith(".yaml") else name + ".yaml"
+    candidate = bundled / Path(fname).name
+    if candidate.is_file():
+        return f"{Path(fname).name} (bundled)", candidate.read_text()
+    names = bundled_recipe_names()
+    hint = difflib.get_close_matches(Path(fname).name, names, n=1)
+    more = f"; did you mean '{hint[0]}'?" if hint else f"; bundled recipes: {', '.join(names)}"
+    raise UserError(f"no such recipe file or bundled recipe{more}", name)
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    src, text = resolve_recipe_path(name)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}", src) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a YAML mapping", src)
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, src)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help + range) rows for the recipe reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, f"{prefix}{f.name}.")
+            continue
+        m = f.metadata
+        extra = []
+        if m.get("choices"):
+            extra.append("one of " + ", ".join(m["choices"]))
+        if m.get("lo") is not None:
+            extra.append((">" if m.get("lo_open") else ">=") + f" {m['lo']}")
+        if m.get("hi") is not None:
+            extra.append(f"<= {m['hi']}")
+        text = "; ".join(x for x in [m.get("help", "")] + extra if x)
+        rows.append((prefix + f.name, str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__, f.default, text))
+    return rows

@@ -1,0 +1,1 @@
+"""Sparse training core: densities, masks, schedules, prune-and-grow."""

@@ -1,0 +1,51 @@
+"""Prune-and-grow on one layer, and the gradient messages clients send for it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def smallest_active(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k active entries with the smallest |w| (theta_low for the layer)."""
+    out = torch.zeros_like(mask)
+    if k <= 0:
+        return out
+    scores = weight.detach().abs().float().masked_fill(~mask, float("inf")).flatten()
+    out.view(-1)[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    return out
+
+
+def largest_inactive(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k candidate entries with the largest |score|."""
+    out = torch.zeros_like(candidates)
+    if k <= 0:
+        return out
+    s = score.detach().abs().float().masked_fill(~candidates, -1.0).flatten()
+    out.view(-1)[torch.topk(s, k, sorted=False).indices] = True
+    return out
+
+
+def prune_and_grow(mask: torch.Tensor, prune: torch.Tensor, grow_score: torch.Tensor):
+    """Drop the `prune` entries, then grow as many among the now-inactive entries
+    with the largest |grow_score|. Returns (new mask, grown entries)."""
+    k = int(prune.sum())
+    kept = mask & ~prune
+    grown = largest_inactive(grow_score, ~kept, k)
+    return kept | grown, grown
+
+
+def topk_message(grad: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's sparse upload: flat indices and values of its k largest-|grad| candidates."""
+    flat = grad.detach().float().flatten()
+    s = flat.abs().masked_fill(~candidates.flatten(), -1.0)
+    k = min(k, int(candidates.sum()))
+    idx = torch.topk(s, k, sorted=False).indices
+    return idx.to(torch.int64), flat[idx]
+
+
+def sum_messages(shape, messages: list[tuple[torch.Tensor, torch.Tensor, float]], device=None) -> torch.Tensor:
+    """Server side: the weighted sum of sparse messages (indices, values, weight) as a dense tensor."""
+    total = torch.zeros(int(torch.Size(shape).numel()), device=device)
+    for idx, val, w in messages:
+        total.index_add_(0, idx.to(total.device), val.to(total.device) * w)
+    return total.view(shape)
