@@ -1,0 +1,107 @@
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import small_recipe
+
+from fedmef_toolkit.fl.aggregate import masked_average, weighted_average
+from fedmef_toolkit.fl.simulator import Simulator
+from fedmef_toolkit.recipe import recipe_from_dict
+
+TIME_KEYS = {"time_s", "samples_per_s"}
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def read_metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_weighted_average_math():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    out = weighted_average([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    assert int(out["n"]) == 5  # integer buffers (num_batches_tracked) take the max
+
+
+def test_weighted_average_ignores_masks():
+    a = {"conv.weight": torch.ones(2), "conv.weight_mask": torch.tensor([True, False])}
+    assert "conv.weight_mask" not in weighted_average([a, a], [1, 1])
+
+
+def test_masked_average_counts_only_holders():
+    vals = [torch.tensor([1.0, 5.0, 0.0]), torch.tensor([3.0, 0.0, 0.0])]
+    masks = [torch.tensor([True, True, False]), torch.tensor([True, False, False])]
+    out = masked_average(vals, masks, [1.0, 3.0])
+    assert torch.allclose(out, torch.tensor([2.5, 5.0, 0.0]))
+
+
+def run(tmp_path, recipe_dict, resume=False):
+    recipe = recipe_from_dict(recipe_dict)
+    run_dir = tmp_path / "runs" / "run"
+    sim = Simulator(recipe, run_dir, show_progress=False)
+    if resume:
+        sim.resume()
+    else:
+        sim.write_run_files()
+    return sim, sim.run()
+
+
+def test_end_to_end_learns_above_chance(tmp_path):
+    sim, rows = run(tmp_path, small_recipe(tmp_path, **{"fl.rounds": 8, "model.width": 0.5}))
+    assert rows[-1]["eval_acc"] > 0.6  # 4 classes: chance is 0.25
+    assert rows[-1]["eval_acc"] > rows[0]["eval_acc"]
+    d = sim.run_dir
+    for f in ["recipe.yaml", "partition.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors"]:
+        assert (d / f).exists(), f
+    part = json.loads((d / "partition.json").read_text())
+    assert sum(part["sizes"]) == len(sim.data.train_y) and len(part["class_histograms"]) == 8
+    row = rows[0]
+    assert row["bytes_down"] == row["bytes_up"] > 0 and row["density"] == 1.0 and len(row["clients"]) == 3
+
+
+def test_resume_after_ctrl_c_reproduces_uninterrupted_run(tmp_path):
+    import pytest
+
+    _, full = run(tmp_path / "full", small_recipe(tmp_path / "full", **{"fl.rounds": 4, "output.checkpoint_every": 3}))
+    part = tmp_path / "part"
+    recipe = small_recipe(part, **{"fl.rounds": 4, "output.checkpoint_every": 3})
+    sim = Simulator(recipe_from_dict(recipe), part / "runs" / "run", show_progress=False)
+    sim.write_run_files()
+    real = sim.engine.run_round
+
+    def interrupt_in_round_3(t, *args):
+        if t == 3:
+            raise KeyboardInterrupt
+        return real(t, *args)
+
+    sim.engine.run_round = interrupt_in_round_3
+    with pytest.raises(KeyboardInterrupt):
+        sim.run()
+    state = json.loads((sim.run_dir / "checkpoint.json").read_text())
+    assert state["round"] == 2  # Ctrl-C saved the last completed round, not the periodic one
+    _, resumed = run(part, recipe, resume=True)
+    assert [r["round"] for r in resumed] == [3, 4]
+    assert strip_times(read_metrics(sim.run_dir)) == strip_times(full)
+
+
+def test_cli_train_and_resume(tmp_path):
+    import yaml
+
+    rpath = tmp_path / "r.yaml"
+    rpath.write_text(yaml.safe_dump(small_recipe(tmp_path, **{"fl.rounds": 2})))
+    cmd = [sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--recipe", str(rpath), "--no-progress"]
+    proc = subprocess.run(cmd + ["--set", "fl.rounds=2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "final val accuracy" in proc.stdout
+    run_dir = tmp_path / "runs" / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--resume", str(run_dir),
+                           "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "nothing left" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--resume", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
