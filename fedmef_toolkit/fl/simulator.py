@@ -75,6 +75,10 @@ class Simulator:
         self.model = self.build_model().to(self.device)
         self.strategy = build_strategy(recipe)
         self.strategy.setup(self.model, recipe.seed)
+        if recipe.method.sap.enabled:  # training-time only: eval mode runs the plain layers
+            from ..sap import enable_sap
+
+            enable_sap(self.model, recipe.method.sap.gamma, recipe.method.sap.selection)
         mean, std = self.data.channel_stats()
         self.augment = DeviceAugment(mean, std, enabled=recipe.data.augment).to(self.device)
         self.train_x = self.data.train_x.to(self.device)

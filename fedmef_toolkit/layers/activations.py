@@ -29,8 +29,13 @@ class ScaledReLU(nn.Module):
             from ..sap.functions import masked_relu
 
             return masked_relu(x, self.gain, self.max_value)
-        y = torch.relu(x) if self.max_value is None else torch.clamp(x, 0.0, self.max_value)
-        return y * self.gain if self.gain != 1.0 else y
+        # Scale first: relu(g*x) = g*relu(x) for g > 0, and then the tensor ReLU saves for
+        # backward is its output, the very tensor the next layer saves (no second copy).
+        if self.gain != 1.0:
+            x = x * self.gain
+        if self.max_value is None:
+            return torch.relu(x)
+        return torch.clamp(x, 0.0, self.max_value * self.gain)
 
     def extra_repr(self) -> str:
         return f"gain={self.gain:.4f}" + (f", max_value={self.max_value}" if self.max_value is not None else "")

@@ -24,6 +24,71 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _stats(w2, m2, stats, unbiased, eps):
+    """Centered weight c, per-channel 1/sqrt(max(n var, eps)) r, the variance factor f
+    and whether the eps floor is active. w2, m2: (out, fan_in); m2 float or None."""
+    fan_in = w2.shape[1]
+    if m2 is not None and stats == "active":
+        n = m2.sum(dim=1, keepdim=True)
+        mu = (w2 * m2).sum(dim=1, keepdim=True) / n.clamp_min(1.0)
+        c = (w2 - mu) * m2
+    else:
+        n = torch.full((w2.shape[0], 1), float(fan_in), dtype=w2.dtype, device=w2.device)
+        wm = w2 if m2 is None else w2 * m2
+        mu = wm.sum(dim=1, keepdim=True) / n
+        c = wm - mu
+    f = n / (n - 1.0).clamp_min(1.0) if unbiased else torch.ones_like(n)
+    s = f * (c * c).sum(dim=1, keepdim=True)
+    floored = s <= eps
+    r = torch.rsqrt(s.clamp_min(eps))
+    return c, r, f, floored
+
+
+class _Standardize(torch.autograd.Function):
+    """w_hat = g * c * r * m with a hand-written backward that saves only the
+    per-channel statistics: autograd's version would keep about four
+    weight-sized intermediates per layer alive until backward."""
+
+    @staticmethod
+    def forward(ctx, weight, gain, mask, stats, unbiased, eps):
+        out_ch = weight.shape[0]
+        w2 = weight.reshape(out_ch, -1)
+        m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
+        c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
+        w_hat = c * r * gain.reshape(out_ch, 1)
+        if m2 is not None:
+            w_hat = w_hat * m2
+        ctx.save_for_backward(weight, gain, mask)
+        ctx.conf = (stats, unbiased, eps)
+        return w_hat.reshape_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, gain, mask = ctx.saved_tensors
+        stats, unbiased, eps = ctx.conf
+        out_ch = weight.shape[0]
+        w2 = weight.reshape(out_ch, -1)
+        m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
+        c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
+        g2 = grad.reshape(out_ch, -1).to(w2.dtype)
+        if m2 is not None:
+            g2 = g2 * m2
+        grad_gain = (g2 * c).sum(dim=1) * r.squeeze(1)
+        u = g2 * gain.reshape(out_ch, 1)  # dL/d(c * r)
+        uc = (u * c).sum(dim=1, keepdim=True)
+        # d r / d c_j = -f r^3 c_j (zero where the eps floor holds r constant)
+        dc = u * r - torch.where(floored, torch.zeros_like(r), f * r ** 3 * uc) * c
+        if m2 is not None and stats == "active":
+            n = m2.sum(dim=1, keepdim=True).clamp_min(1.0)
+            dc = dc * m2
+            dw = (dc - (dc.sum(dim=1, keepdim=True) / n)) * m2
+        else:
+            dw = dc - dc.mean(dim=1, keepdim=True)
+            if m2 is not None:
+                dw = dw * m2
+        return dw.reshape_as(weight), grad_gain.to(gain.dtype), None, None, None, None
+
+
 def standardize_weight(
     weight: torch.Tensor,
     gain: torch.Tensor,
@@ -38,30 +103,20 @@ def standardize_weight(
     stats="all": over all fan-in entries, zeros included, then masked (the
     authors' final research variant). `unbiased` uses n - 1 in the variance.
     """
+    if stats not in ("active", "all"):
+        raise ValueError(f"stats must be 'active' or 'all', got {stats!r}")
+    return _Standardize.apply(weight, gain, mask, stats, unbiased, eps)
+
+
+def standardize_weight_reference(weight, gain, mask=None, stats="active", unbiased=False, eps=1e-4):
+    """The same map in plain autograd ops: the reference the custom backward is tested against."""
     out_ch = weight.shape[0]
-    w = weight.reshape(out_ch, -1)
-    fan_in = w.shape[1]
-    if mask is not None and stats == "active":
-        m = mask.reshape(out_ch, -1).to(w.dtype)
-        wm = w * m
-        n = m.sum(dim=1, keepdim=True)
-    else:
-        m = None
-        wm = w if mask is None else w * mask.reshape(out_ch, -1).to(w.dtype)
-        n = torch.full((out_ch, 1), float(fan_in), dtype=w.dtype, device=w.device)
-    n_safe = n.clamp_min(1.0)
-    mu = wm.sum(dim=1, keepdim=True) / n_safe
-    centered = w - mu
-    if m is not None:
-        centered = centered * m
-    elif mask is not None:  # "all": statistics include zeros of pruned entries
-        centered = wm - mu
-    sq = (centered * centered).sum(dim=1, keepdim=True)  # = n * var (biased)
-    if unbiased:
-        sq = sq * n / (n - 1.0).clamp_min(1.0)
-    w_hat = centered * torch.rsqrt(sq.clamp_min(eps)) * gain.reshape(out_ch, 1)
-    if mask is not None:
-        w_hat = w_hat * mask.reshape(out_ch, -1).to(w.dtype)
+    w2 = weight.reshape(out_ch, -1)
+    m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
+    c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
+    w_hat = c * r * gain.reshape(out_ch, 1)
+    if m2 is not None:
+        w_hat = w_hat * m2
     return w_hat.reshape_as(weight)
 
 

@@ -1,0 +1,1 @@
+"""Memory footprint of one client training step: estimated and measured."""

@@ -1,0 +1,259 @@
+"""Memory report of one client training step (SPEC section 6).
+
+For a configuration (model, norm, density, SAP) at the recipe's batch size
+and input size, the report gives an analytic estimate and a measurement side
+by side: weights (+ masks), gradients, optimizer state, saved activations per
+layer and in total, and on CUDA the measured peak of one step. The paper's
+figure is model size (sparse weights) + activation memory. A reference
+configuration (same model with BatchNorm and no SAP, what FedAvg/FedDST
+clients train) gives the reduction.
+
+memory.json schema "fedmef-memory/1":
+  {"schema", "device", "measured_on", "batch_size", "input_shape", "num_classes",
+   "configurations": [{"name", "arch", "norm", "width", "density", "sap": {"enabled",
+       "gamma", "selection"}, "momentum",
+       "analytic": {"weights", "gradients", "optimizer", "activations", "total"},
+       "measured": {"activations", "weight_derived_saved", "per_layer": {layer: bytes},
+                    "cuda_peak_step": bytes | null, "cuda_step_increase": bytes | null},
+       "paper_figure": bytes}],
+   "reduction_vs_reference": {"paper_figure", "activations", "cuda_peak_step"}}
+All sizes are bytes; reductions are fractions (0.285 = 28.5% less).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..layers import ScaledReLU
+from ..models import get_model
+from ..sap import enable_sap
+from ..sap.packing import keep_count
+from ..sparse.masks import attach_masks, init_masks, prunable_modules
+from .measure import cuda_step_peak, saved_tensor_bytes
+
+SCHEMA = "fedmef-memory/1"
+
+
+@dataclass
+class MemoryConfig:
+    name: str
+    arch: str
+    norm: str
+    width: float = 1.0
+    density: float = 1.0
+    sap_enabled: bool = False
+    gamma: float = 0.0
+    selection: str = "per_sample"
+    momentum: float = 0.0
+
+    def build(self, num_classes: int, image_size: int, seed: int = 0) -> nn.Module:
+        model = get_model(self.arch, num_classes, norm=self.norm, width=self.width, image_size=image_size)
+        if self.density < 1.0:
+            attach_masks(model, init_masks(model, self.density, "erk", "random", seed))
+        if self.sap_enabled:
+            enable_sap(model, self.gamma, self.selection)
+        return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Parameters as a device stores them: masked weights as values + a bitmask."""
+    masked = {id(m.weight): m.weight_mask for m in prunable_modules(model).values()
+              if getattr(m, "weight_mask", None) is not None}
+    total = 0
+    for p in model.parameters():
+        mask = masked.get(id(p))
+        if mask is None:
+            total += p.numel() * p.element_size()
+        else:
+            total += int(mask.sum()) * p.element_size() + (mask.numel() + 7) // 8
+    return total
+
+
+def analytic_activation_bytes(model: nn.Module, x: torch.Tensor, elem_bytes: int = 4) -> dict[str, int]:
+    """What each layer keeps for backward by its formula (no cross-layer sharing counted):
+    conv/linear: its input (dense, or kept values + 1 bit an entry under SAP);
+    BatchNorm: its input; ReLU6: its input; mask-saving ReLU: 1 bit an entry;
+    ReLU whose output is the next layer's input: 0 (shared storage)."""
+    per_layer: dict[str, int] = {}
+    hooks = []
+
+    def record(name, module):
+        def hook(mod, inputs, output):
+            inp = inputs[0]
+            n = inp.numel()
+            sap = getattr(mod, "sap", None)
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                if sap is not None and sap.gamma > 0:
+                    rows = inp.shape[0] if sap.per_sample else 1
+                    kept = keep_count(n // rows, sap.gamma) * rows
+                    size = kept * elem_bytes + (n + 7) // 8
+                else:
+                    size = n * elem_bytes
+            elif isinstance(mod, nn.BatchNorm2d):
+                size = n * elem_bytes
+            elif isinstance(mod, nn.ReLU6):
+                size = n * elem_bytes
+            elif isinstance(mod, ScaledReLU):
+                size = (n + 7) // 8 if mod.save_mask else (n * elem_bytes if mod.max_value is not None else 0)
+            else:
+                return
+            per_layer[name] = per_layer.get(name, 0) + size
+        return hook
+
+    for name, mod in model.named_modules():
+        hooks.append(mod.register_forward_hook(record(name, mod)))
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return per_layer
+
+
+def measure_config(cfg: MemoryConfig, batch_size: int, image_size: int, num_classes: int, device: torch.device,
+                   autocast_dtype=None, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = cfg.build(num_classes, image_size, seed).to(device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    elem = 2 if autocast_dtype is not None else 4
+    weights = weight_bytes(model)
+    grads = n_params * 4  # PyTorch keeps dense fp32 gradients, masked or not
+    optim = n_params * 4 if cfg.momentum > 0 else 0
+    act_analytic = sum(analytic_activation_bytes(copy.deepcopy(model), x, elem).values())
+    saved = saved_tensor_bytes(model, x, y, autocast_dtype)
+    peak = None
+    if device.type == "cuda":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
+        peak = cuda_step_peak(model, x, y, opt, autocast_dtype)
+    return {
+        "name": cfg.name, "arch": cfg.arch, "norm": cfg.norm, "width": cfg.width, "density": cfg.density,
+        "sap": {"enabled": cfg.sap_enabled, "gamma": cfg.gamma, "selection": cfg.selection},
+        "momentum": cfg.momentum, "parameters": n_params,
+        "analytic": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act_analytic,
+                     "total": weights + grads + optim + act_analytic},
+        "measured": {"activations": saved["activations"], "weight_derived_saved": saved["weight_derived"],
+                     "per_layer": saved["per_layer"],
+                     "cuda_peak_step": None if peak is None else peak["peak"],
+                     "cuda_step_increase": None if peak is None else peak["step_increase"]},
+        "paper_figure": weights + saved["activations"],
+    }
+
+
+def _reduction(new, ref):
+    return None if not new or not ref else round(1.0 - new / ref, 4)
+
+
+def build_report(configs: list[MemoryConfig], batch_size: int, image_size: int, num_classes: int,
+                 device: torch.device, autocast_dtype=None) -> dict:
+    """configs[0] is the subject, configs[-1] the reference."""
+    rows = [measure_config(c, batch_size, image_size, num_classes, device, autocast_dtype) for c in configs]
+    subject, ref = rows[0], rows[-1]
+    return {
+        "schema": SCHEMA, "device": str(device), "measured_on": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu", "precision": "bf16" if autocast_dtype else "fp32",
+        "batch_size": batch_size, "input_shape": [3, image_size, image_size], "num_classes": num_classes,
+        "configurations": rows,
+        "reduction_vs_reference": {
+            "paper_figure": _reduction(subject["paper_figure"], ref["paper_figure"]),
+            "activations": _reduction(subject["measured"]["activations"], ref["measured"]["activations"]),
+            "cuda_peak_step": _reduction(subject["measured"]["cuda_peak_step"], ref["measured"]["cuda_peak_step"]),
+        },
+    }
+
+
+def configs_for_recipe(recipe) -> list[MemoryConfig]:
+    m, meth = recipe.model, recipe.method
+    density = 1.0 if meth.name == "fedavg" else meth.sparsity.density
+    subject = MemoryConfig("this recipe", m.arch, m.norm, m.width, density, meth.sap.enabled, meth.sap.gamma,
+                           meth.sap.selection, recipe.fl.momentum)
+    ref = MemoryConfig("reference: BN, no SAP", m.arch, "bn", m.width, density, False, 0.0, "per_sample",
+                       recipe.fl.momentum)
+    return [subject, ref]
+
+
+def mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def render_table(report: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"memory of one client step, batch {report['batch_size']}, input "
+                        f"{'x'.join(map(str, report['input_shape']))}, {report['precision']} (MiB; measured on "
+                        f"{report['measured_on']})",
+                  caption="act est: per-layer formula; act meas: saved-tensor hooks, unique storages, parameters "
+                          "excluded; w copies: weight-shaped tensors saved (e.g. NSConv's standardised weight); "
+                          "paper: weights + measured activations")
+    for col in ["config", "weights", "grads", "optim", "act est", "act meas", "w copies", "paper", "CUDA peak"]:
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in report["configurations"]:
+        a, m = r["analytic"], r["measured"]
+        sap = f"SAP {r['sap']['gamma']:g}" if r["sap"]["enabled"] else "no SAP"
+        table.add_row(f"{r['arch']} {r['norm']} d={r['density']:g} {sap}",
+                      mib(a["weights"]), mib(a["gradients"]), mib(a["optimizer"]), mib(a["activations"]),
+                      mib(m["activations"]), mib(m["weight_derived_saved"]), mib(r["paper_figure"]),
+                      mib(m["cuda_peak_step"]))
+    console.print(table)
+    red = report["reduction_vs_reference"]
+    parts = [f"{k.replace('_', ' ')} {v * 100:.1f}% less" for k, v in red.items() if v is not None]
+    console.print("vs reference: " + ", ".join(parts), highlight=False)
+
+
+def write_chart(report: dict, path: Path) -> bool:
+    """Stacked bar chart per configuration; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["configurations"]
+    names = [r["name"] for r in rows]
+    parts = {
+        "weights (+masks)": [r["analytic"]["weights"] for r in rows],
+        "gradients": [r["analytic"]["gradients"] for r in rows],
+        "optimizer state": [r["analytic"]["optimizer"] for r in rows],
+        "saved activations (measured)": [r["measured"]["activations"] for r in rows],
+    }
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4.2))
+    bottom = [0.0] * len(rows)
+    for label, vals in parts.items():
+        mibs = [v / 2**20 for v in vals]
+        ax.bar(names, mibs, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, mibs)]
+    ax.set_ylabel("MiB")
+    ax.set_title(f"one client step, batch {report['batch_size']}")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict, out_dir: Path, console=None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "memory.json").write_text(json.dumps(report, indent=1))
+    write_chart(report, out_dir / "memory.png")
+    if console is not None:
+        render_table(report, console)
+
+
+def report_for_recipe(recipe, num_classes: int, image_size: int, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if recipe.precision == "bf16" and device.type == "cuda" else None
+    return build_report(configs_for_recipe(recipe), recipe.fl.batch_size, image_size, num_classes, device, dtype)
+
+
+def write_report_for_simulator(sim, quiet: bool = False) -> dict:
+    report = report_for_recipe(sim.recipe, sim.data.num_classes, sim.data.image_size, sim.device)
+    write_report(report, sim.run_dir, None if quiet else sim.console)
+    return report

@@ -1,0 +1,143 @@
+"""Autograd functions that save a pruned input for backward (SAP, SPEC section 5).
+
+Forward is the exact dense computation. What is saved is the top-(1-gamma)
+of the input by magnitude, packed (bitmask + values). Backward gives the
+exact input gradient (it needs only the weight) and the weight gradient of
+the pruned input. Under autocast the functions cast to the autocast dtype
+themselves and run the kernels with autocast off, so forward and backward
+see the same dtypes on every torch version we support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import pack_activation, pack_bits, unpack_activation, unpack_bits
+
+
+@dataclass(frozen=True)
+class SAPConfig:
+    gamma: float = 0.5
+    per_sample: bool = True
+
+
+def _autocast_dtype(t: torch.Tensor):
+    dev = t.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except TypeError:  # torch < 2.4 signatures
+        if dev == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
+
+
+class _SavedInput:
+    """Packs/unpacks the saved input; gamma == 0 keeps it dense (exactly dense training)."""
+
+    @staticmethod
+    def pack(ctx, x: torch.Tensor, cfg: SAPConfig) -> list[torch.Tensor]:
+        ctx.x_shape, ctx.dense = x.shape, cfg.gamma == 0.0
+        if ctx.dense:
+            return [x]
+        return list(pack_activation(x, cfg.gamma, cfg.per_sample))
+
+    @staticmethod
+    def unpack(ctx, saved) -> torch.Tensor:
+        return saved[0] if ctx.dense else unpack_activation(saved[0], saved[1], ctx.x_shape)
+
+
+class SAPConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg):
+        dtype = _autocast_dtype(x)
+        in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        saved = _SavedInput.pack(ctx, x.detach(), cfg)
+        ctx.save_for_backward(weight, *saved)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None, in_dtypes)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, *saved = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias, in_dtypes = ctx.conf
+        gy = gy.to(weight.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, gy, stride, padding, dilation, groups).to(in_dtypes[0])
+        if ctx.needs_input_grad[1]:
+            x_pruned = _SavedInput.unpack(ctx, saved)
+            gw = torch.nn.grad.conv2d_weight(x_pruned, weight.shape, gy, stride, padding, dilation, groups).to(in_dtypes[1])
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=(0, 2, 3)).to(in_dtypes[2])
+        return gx, gw, gb, None, None, None, None, None
+
+
+class SAPLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg):
+        dtype = _autocast_dtype(x)
+        in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, weight, bias)
+        saved = _SavedInput.pack(ctx, x.detach(), cfg)
+        ctx.save_for_backward(weight, *saved)
+        ctx.conf = (bias is not None, in_dtypes)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, *saved = ctx.saved_tensors
+        has_bias, in_dtypes = ctx.conf
+        gy = gy.to(weight.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ weight).to(in_dtypes[0])
+        if ctx.needs_input_grad[1]:
+            x_pruned = _SavedInput.unpack(ctx, saved)
+            gw = (gy.reshape(-1, gy.shape[-1]).t() @ x_pruned.reshape(-1, x_pruned.shape[-1])).to(in_dtypes[1])
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(in_dtypes[2])
+        return gx, gw, gb, None
+
+
+class MaskedReLUFunction(torch.autograd.Function):
+    """gain * relu(x) (optionally clipped at max_value) saving a 1-bit mask, not its output."""
+
+    @staticmethod
+    def forward(ctx, x, gain, max_value):
+        y = torch.relu(x) if max_value is None else torch.clamp(x, 0.0, max_value)
+        pass_mask = x > 0 if max_value is None else (x > 0) & (x < max_value)
+        ctx.save_for_backward(pack_bits(pass_mask))
+        ctx.shape, ctx.gain = x.shape, gain
+        return y * gain if gain != 1.0 else y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        mask = unpack_bits(bits, gy.numel()).view(ctx.shape)
+        g = gy * mask
+        return (g * ctx.gain if ctx.gain != 1.0 else g), None, None
+
+
+def sap_conv2d(x, weight, bias, stride, padding, dilation, groups, cfg: SAPConfig):
+    return SAPConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, cfg)
+
+
+def sap_linear(x, weight, bias, cfg: SAPConfig):
+    return SAPLinearFunction.apply(x, weight, bias, cfg)
+
+
+def masked_relu(x, gain: float = 1.0, max_value: float | None = None):
+    return MaskedReLUFunction.apply(x, gain, max_value)

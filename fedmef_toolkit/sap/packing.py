@@ -1,0 +1,61 @@
+"""Compact storage of a pruned activation: a 1-bit keep mask plus the kept values.
+
+At keep fraction q and b bytes per value this costs q*b + 1/8 bytes per
+entry (fp32, q=0.5: 2.125 instead of 4; q=0.1: 0.525), where values plus
+int32 indices would cost q*(b+4) and save nothing at q=0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(device) -> torch.Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device)).to(torch.uint8)
+    return w
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 tensor of ceil(numel/8) bytes (little-endian bit order)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first `numel` bits as a flat bool tensor."""
+    return ((bits.unsqueeze(1) & _weights(bits.device)) != 0).view(-1)[:numel]
+
+
+def keep_count(per_row: int, gamma: float) -> int:
+    """Entries kept per row: the largest (1 - gamma) fraction, at least one."""
+    return max(1, min(per_row, math.ceil((1.0 - gamma) * per_row - 1e-9)))
+
+
+def topk_keep_mask(x: torch.Tensor, gamma: float, per_sample: bool) -> torch.Tensor:
+    """Bool mask of the top-(1-gamma) entries of |x|, per sample (dim 0) or over the tensor."""
+    rows = x.reshape(x.shape[0], -1) if per_sample else x.reshape(1, -1)
+    k = keep_count(rows.shape[1], gamma)
+    idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=x.device)
+    mask.scatter_(1, idx, True)
+    return mask.view(x.shape)
+
+
+def pack_activation(x: torch.Tensor, gamma: float, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = topk_keep_mask(x, gamma, per_sample)
+    return pack_bits(mask), x.masked_select(mask)
+
+
+def unpack_activation(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    numel = math.prod(shape)
+    mask = unpack_bits(bits, numel).view(shape)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
