@@ -22,6 +22,13 @@ class NormPolicy:
         self.nsconv_kwargs = {"stats": stats, "unbiased": unbiased, "eps": eps}
 
     @property
+    def preactivation(self) -> bool:
+        """BN-free residual blocks activate before the branch (as NF-ResNets do): an
+        activation after the residual sum would shift the mean and grow the
+        variance block after block without BN to undo it."""
+        return self.norm == "nsconv"
+
+    @property
     def residual_scale(self) -> float:
         """Without BN, a residual sum of two unit-variance signals is rescaled by 1/sqrt(2)."""
         return 1.0 if self.norm == "bn" else 1.0 / math.sqrt(2.0)

@@ -100,6 +100,7 @@ class FedMef(StaticSparse):
             return {"low_norm_start": self._low_norm(model)}
         return {}
 
+    @torch.no_grad()
     def _low_norm(self, model) -> float:
         mods = prunable_modules(model)
         return float(torch.sqrt(sum(((mods[n].weight * m) ** 2).sum() for n, m in self.low.items())))

@@ -1,0 +1,215 @@
+import math
+
+import pytest
+import torch
+from conftest import small_recipe
+
+from fedmef_toolkit.data.augment import DeviceAugment
+from fedmef_toolkit.fl.client import ClientData, ClientTrainer
+from fedmef_toolkit.fl.plan import ClientPlan
+from fedmef_toolkit.fl.simulator import Simulator
+from fedmef_toolkit.fl.strategies.fedmef import BaEPlan
+from fedmef_toolkit.models import get_model
+from fedmef_toolkit.recipe import BaESpec, recipe_from_dict
+from fedmef_toolkit.sparse.adjust import prune_and_grow, smallest_active, sum_messages, topk_message
+from fedmef_toolkit.sparse.densities import erk_densities
+from fedmef_toolkit.sparse.masks import attach_masks, get_masks, init_masks, prunable_modules, weight_shapes
+from fedmef_toolkit.sparse.schedules import (adjustment_fraction, bae_step_size, is_adjustment_round,
+                                             is_extrusion_round, rex_factor, swap_count)
+
+
+def test_erk_hand_computed():
+    shapes = {"conv": (8, 4, 3, 3), "fc": (10, 20)}
+    d = erk_densities(shapes, 0.2)
+    # raw: conv (8+4+3+3)/(8*4*9) = 18/288 ; fc (10+20)/200 = 30/200
+    total = 288 + 200
+    eps = 0.2 * total / (18 + 30)  # sum raw_l * size_l = 18 + 30
+    assert d["conv"] == pytest.approx(eps * 18 / 288)
+    assert d["fc"] == pytest.approx(eps * 30 / 200)
+    assert sum(d[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(0.2 * total)
+
+
+def test_erk_dense_fallback_and_resolve():
+    shapes = {"tiny": (2, 1, 1, 1), "big": (64, 64, 3, 3)}
+    d = erk_densities(shapes, 0.5)
+    assert d["tiny"] == 1.0
+    total = 2 + 64 * 64 * 9
+    assert d["big"] == pytest.approx((0.5 * total - 2) / (64 * 64 * 9))
+    assert all(v <= 1.0 for v in d.values())
+
+
+def test_init_masks_exact_counts_random_and_magnitude():
+    model = get_model("cnn4", 10, width=0.5)
+    for init in ("random", "magnitude"):
+        masks = init_masks(model, 0.1, "erk", init, seed=0)
+        dens = erk_densities(weight_shapes(model), 0.1)
+        for name, m in masks.items():
+            assert int(m.sum()) == max(1, round(dens[name] * m.numel()))
+    mods = prunable_modules(model)
+    mag = init_masks(model, 0.3, "uniform", "magnitude", seed=0)
+    w = mods["fc"].weight.detach().abs()
+    assert w[mag["fc"]].min() >= w[~mag["fc"]].max()
+
+
+def test_schedules_closed_form():
+    assert adjustment_fraction(0, 0.2, 300) == pytest.approx(0.2)
+    assert adjustment_fraction(150, 0.2, 300) == pytest.approx(0.1)
+    assert adjustment_fraction(300, 0.2, 300) == pytest.approx(0.0)
+    assert swap_count(0.1, 95) == 10 and swap_count(0.1, 100) == 10 and swap_count(1.0, 7) == 7
+    assert [t for t in range(0, 45) if is_adjustment_round(t, 10, 30)] == [10, 20, 30]
+    assert [t for t in range(1, 25) if is_extrusion_round(t, 10, 30, 2)] == [9, 10, 19, 20]
+    assert rex_factor(0, 10) == pytest.approx(1.0)
+    assert rex_factor(5, 10) == pytest.approx(0.5 / 0.75)
+    assert rex_factor(10, 10) == pytest.approx(0.0)
+
+
+def test_bae_step_size_direct():
+    lr0, norm = 0.1, 0.7
+    beta = rex_factor(3, 10) * (2 / (1 + math.exp(-norm)) - 1) * lr0
+    assert bae_step_size(3, 10, 0.001, lr0, norm) == pytest.approx(beta)
+    assert bae_step_size(3, 10, 0.5, lr0, norm) == pytest.approx(0.5)  # max(eta, beta)
+    assert bae_step_size(3, 10, 0.001, lr0, norm, psi=2.0) == pytest.approx(2 * beta)
+    assert bae_step_size(3, 10, 0.001, lr0, norm, max_lr=0.01) == pytest.approx(0.01)
+
+
+def test_prune_and_grow_keeps_count_and_picks_extremes():
+    torch.manual_seed(0)
+    w = torch.randn(50)
+    mask = torch.rand(50) < 0.5
+    low = smallest_active(w, mask, 5)
+    assert int(low.sum()) == 5 and bool((low & ~mask).sum() == 0)
+    assert w[low].abs().max() <= w[mask & ~low].abs().min()
+    score = torch.randn(50)
+    new, grown = prune_and_grow(mask, low, score)
+    assert int(new.sum()) == int(mask.sum())
+    candidates = ~(mask & ~low)
+    assert int(grown.sum()) == 5 and bool((grown & ~candidates).sum() == 0)
+    assert score[grown].abs().min() >= score[candidates & ~grown].abs().max()
+
+
+def test_topk_upload_equals_dense_aggregate_topk():
+    torch.manual_seed(1)
+    shape, k = (6, 10), 7
+    cand = torch.rand(shape) < 0.6
+    grads = [torch.randn(shape) for _ in range(3)]
+    weights = [0.2, 0.5, 0.3]
+    dense = sum(w * g for w, g in zip(weights, grads))
+    expected = (dense.abs().masked_fill(~cand, -1)).flatten().topk(k).indices.sort().values
+    msgs = [(*topk_message(g, cand, int(cand.sum())), w) for g, w in zip(grads, weights)]
+    agg = sum_messages(shape, msgs)
+    assert torch.allclose(agg[cand], dense[cand])
+    got = agg.abs().masked_fill(~cand, -1).flatten().topk(k).indices.sort().values
+    assert torch.equal(got, expected)
+    idx, val = topk_message(grads[0], cand, k)  # a client's own message holds its top-k candidates
+    assert len(idx) == k and bool(cand.flatten()[idx].all())
+
+
+def make_trainer(n=40, momentum=0.9):
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 4, (n,))
+    aug = DeviceAugment(torch.full((3,), 0.5), torch.full((3,), 0.25))
+    return ClientTrainer(x, y, aug, epochs=2, batch_size=8, momentum=momentum, weight_decay=5e-4)
+
+
+@pytest.mark.parametrize("norm", ["bn", "nsconv"])
+def test_pruned_entries_and_momentum_stay_zero(norm):
+    model = get_model("cnn4", 4, norm=norm, width=0.25)
+    attach_masks(model, init_masks(model, 0.2, "erk", "random", seed=0))
+    trainer = make_trainer()
+    captured = {}
+    orig = torch.optim.SGD.step
+
+    def spy(self, *a, **k):  # look at the optimizer state after the masked step
+        out = orig(self, *a, **k)
+        captured["opt"] = self
+        return out
+
+    torch.optim.SGD.step = spy
+    try:
+        trainer.train(model, ClientData(0, torch.arange(40)), ClientPlan(0.1), torch.Generator().manual_seed(0))
+    finally:
+        torch.optim.SGD.step = orig
+    opt = captured["opt"]
+    for m in prunable_modules(model).values():
+        pruned = ~m.weight_mask
+        assert torch.all(m.weight[pruned] == 0)
+        assert torch.all(opt.state[m.weight]["momentum_buffer"][pruned] == 0)
+        assert m.weight[m.weight_mask].abs().sum() > 0
+
+
+def test_bae_penalty_gradient_and_step_size():
+    model = get_model("cnn4", 4, width=0.25)
+    attach_masks(model, init_masks(model, 0.5, "uniform", "random", seed=0))
+    mods = prunable_modules(model)
+    low = {n: smallest_active(m.weight, m.weight_mask, 5) for n, m in mods.items()}
+    for penalty in ("l2sq", "l2"):
+        bae = BaESpec(lam=0.3, penalty=penalty)
+        plan = BaEPlan(0.001, None, False, low, bae, lr0=0.1, window_offset=0)
+        plan.begin(model, total_steps=10)
+        model.zero_grad()
+        plan.extra_loss(model).backward()
+        sq = sum(float((mods[n].weight.detach()[m] ** 2).sum()) for n, m in low.items())
+        for n, m in low.items():
+            w = mods[n].weight.detach()
+            expect = 2 * 0.3 * w * m if penalty == "l2sq" else 0.3 * w * m / math.sqrt(sq)
+            assert torch.allclose(mods[n].weight.grad, expect, atol=1e-7)
+        mu = plan.step_lr(4, model)
+        assert mu == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, math.sqrt(sq)))
+
+
+def sparse_run(tmp_path, method, norm="bn", **over):
+    rec = small_recipe(tmp_path, **{"method.name": method, "model.norm": norm, "fl.rounds": 6,
+                                    "method.sparsity.density": 0.3, "method.sparsity.delta_t": 2,
+                                    "method.sparsity.t_end": 5, **over})
+    sim = Simulator(recipe_from_dict(rec), tmp_path / "runs" / "run", show_progress=False)
+    counts0 = {n: int(m.sum()) for n, m in get_masks(sim.model).items()}
+    masks0 = {n: m.clone() for n, m in get_masks(sim.model).items()}
+    sim.write_run_files()
+    rows = sim.run()
+    return sim, rows, counts0, masks0
+
+
+@pytest.mark.parametrize("method,norm", [("fedavg_sparse", "bn"), ("feddst", "bn"), ("fedmef", "nsconv"),
+                                         ("fedmef", "bn")])
+def test_strategies_run_and_preserve_per_layer_counts(tmp_path, method, norm):
+    sim, rows, counts0, masks0 = sparse_run(tmp_path, method, norm)
+    masks = get_masks(sim.model)
+    assert {n: int(m.sum()) for n, m in masks.items()} == counts0
+    for m in prunable_modules(sim.model).values():
+        assert torch.all(m.weight[~m.weight_mask] == 0)
+    changed = any(not torch.equal(masks0[n], masks[n]) for n in masks)
+    assert changed == (method != "fedavg_sparse")
+    assert rows[-1]["eval_acc"] > 0.3
+    assert all(abs(r["density"] - rows[0]["density"]) < 1e-9 for r in rows)
+    if method == "fedmef":
+        adj = [r for r in rows if r.get("adjusted")]
+        assert [r["round"] for r in adj] == [2, 4]
+        assert all("acc_before_adjust" in r and "acc_after_adjust" in r for r in adj)
+        assert all("low_norm_start" in r and "low_norm_end" in r for r in adj)
+        # sparse values + bitmask is smaller than dense values
+        assert rows[0]["bytes_down"] < 0.8 * sum(p.numel() * 4 for p in sim.model.parameters()) * 3
+
+
+def test_fedmef_grown_entries_start_at_zero(tmp_path):
+    rec = small_recipe(tmp_path, **{"method.name": "fedmef", "model.norm": "nsconv", "fl.rounds": 2,
+                                    "method.sparsity.density": 0.3, "method.sparsity.delta_t": 2,
+                                    "method.sparsity.t_end": 4})
+    sim = Simulator(recipe_from_dict(rec), tmp_path / "runs" / "run", show_progress=False)
+    sim.write_run_files()
+    sim.run_round(1)
+    before = {n: m.clone() for n, m in get_masks(sim.model).items()}
+    row = sim.run_round(2)
+    assert row["adjusted"]
+    mods = prunable_modules(sim.model)
+    grown_any = False
+    for n, m in get_masks(sim.model).items():
+        grown = m & ~before[n]
+        grown_any |= bool(grown.any())
+        assert torch.all(mods[n].weight[grown] == 0)
+    assert grown_any
+
+
+def test_bae_off_is_the_ablation(tmp_path):
+    _, rows, _, _ = sparse_run(tmp_path, "fedmef", "nsconv", **{"method.bae.enabled": False})
+    assert all("low_norm_start" not in r for r in rows)
+    assert [r["round"] for r in rows if r.get("adjusted")] == [2, 4]
