@@ -33,3 +33,5 @@ class RoundProgress:
         if row.get("adjusted"):
             status += f" | adjust {row['acc_before_adjust']:.3f}->{row['acc_after_adjust']:.3f}"
         self.progress.update(self.task, advance=1, status=status)
+        if self.enabled and not self.console.is_terminal:  # logs and CI: one plain line per round
+            self.console.print(f"round {row['round']}: {status}", highlight=False)

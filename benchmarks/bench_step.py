@@ -1,0 +1,96 @@
+"""Memory and speed of one client training step, per configuration (issue: SAP).
+
+For ResNet18 and MobileNetV2 at 32x32, batch 64, density 0.1:
+  (a) BN, no SAP   (b) NSConv, no SAP   (c) NSConv + SAP gamma 0.5   (d) NSConv + SAP gamma 0.9
+prints saved-activation bytes (saved-tensor hooks), peak step memory (CUDA)
+and training samples/s; writes a JSON file with everything.
+
+    python benchmarks/bench_step.py [--device cuda] [--bf16] [--out step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fedmef_toolkit.memory.report import MemoryConfig, measure_config
+
+
+def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int) -> float:
+    torch.manual_seed(0)
+    model = cfg.build(10, 32).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
+    xs = torch.randn(4, batch, 3, 32, 32, device=device)
+    ys = torch.randint(0, 10, (4, batch), device=device)
+    masks = [(m.weight, m.weight_mask) for m in model.modules() if getattr(m, "weight_mask", None) is not None]
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(xs[i % 4]), ys[i % 4])
+        loss.backward()
+        for w, m in masks:
+            w.grad.mul_(m)
+        opt.step()
+        with torch.no_grad():
+            for w, m in masks:
+                w.mul_(m)
+
+    for i in range(5):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--archs", default="resnet18,mobilenetv2")
+    ap.add_argument("--out", default="bench_step.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else None
+    rows = []
+    for arch in args.archs.split(","):
+        configs = [
+            MemoryConfig("(a) BN, no SAP", arch, "bn", density=0.1),
+            MemoryConfig("(b) NSConv, no SAP", arch, "nsconv", density=0.1),
+            MemoryConfig("(c) NSConv+SAP 0.5", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.5),
+            MemoryConfig("(d) NSConv+SAP 0.9", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.9),
+        ]
+        for cfg in configs:
+            r = measure_config(cfg, args.batch, 32, 10, device, dtype)
+            r["samples_per_s"] = samples_per_s(cfg, args.batch, device, dtype, args.steps)
+            rows.append(r)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{device_name}, batch {args.batch}, 32x32, density 0.1, {'bf16' if dtype else 'fp32'}")
+    print("| model | config | saved act. MiB | vs (a) | peak step MiB | vs (a) | samples/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for arch in args.archs.split(","):
+        group = [r for r in rows if r["arch"] == arch]
+        base = group[0]
+        for r in group:
+            act, bact = r["measured"]["activations"], base["measured"]["activations"]
+            peak, bpeak = r["measured"]["cuda_peak_step"], base["measured"]["cuda_peak_step"]
+            print(f"| {arch} | {r['name']} | {act / 2**20:.1f} | {act / bact:.2f}x | "
+                  f"{'-' if peak is None else f'{peak / 2**20:.1f}'} | "
+                  f"{'-' if peak is None else f'{peak / bpeak:.2f}x'} | {r['samples_per_s']:.0f} |")
+    with open(args.out, "w") as f:
+        json.dump({"device": device_name, "precision": "bf16" if dtype else "fp32", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device-tool call: install, simulator + step benchmarks, then the accuracy
+# experiments as concurrent processes on the one GPU. Everything lands in $OUT.
+#   PHASE=1: benchmarks + BN-vs-NSConv (issue 3) + FedMef with/without BaE (issue 4)
+#   PHASE=2: SAP gamma 0.5 / 0.9 accuracy runs (issue 5)
+set -u
+export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PHASE=${PHASE:-1}; BUDGET=${BUDGET:-480}
+pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+DATA=carry/cifar10-jpeg-train.tar.xz
+R=runs
+COMMON=(--set data.root=$DATA --set output.dir=$R --set precision=bf16 --set eval.every=5 --no-progress)
+python -c "
+from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load_data; import time; t=time.time()
+load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0); print('decode+cache s', round(time.time()-t,1))"
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+
+if [ "$PHASE" = 1 ]; then
+  # issue 2: the simulator alone, ResNet18 FedAvg (BN), 3 rounds of the paper setting, fp32 and bf16
+  for prec in fp32 bf16; do
+    fedmef train --recipe resnet18_cifar10.yaml --set data.root=$DATA --set output.dir=$R --set output.name=sim_$prec \
+      --set precision=$prec --set fl.rounds=3 --set eval.every=3 --no-progress > "$OUT/sim_$prec.log" 2>&1
+  done
+  python benchmarks/summarize_runs.py $R/sim_fp32 $R/sim_bf16 | tee "$OUT/sim.md"
+  # issue 5: step memory/speed table
+  python benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" | tee "$OUT/step.md"
+  python benchmarks/bench_step.py --device cuda --bf16 --out "$OUT/step_bf16.json" | tee -a "$OUT/step.md"
+  # issue 3: BN vs NSConv, FedAvg, batch 64 and 8; issue 4: FedMef +/- BaE
+  pids=()
+  for arch in resnet18 mobilenetv2; do for norm in bn nsconv; do for bs in 64 8; do
+    timeout $(left) fedmef train --recipe ${arch}_cifar10.yaml "${COMMON[@]}" --set output.name=norm_${arch}_${norm}_b$bs \
+      --set model.norm=$norm --set fl.batch_size=$bs --set fl.rounds=20 --set fl.local_epochs=1 \
+      --set fl.lr=0.02 --set fl.momentum=0.9 > "$R-norm_${arch}_${norm}_b$bs.log" 2>&1 & pids+=($!)
+  done; done; done
+  for bae in true false; do
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" --set output.name=fedmef_bae_$bae \
+      --set method.bae.enabled=$bae --set method.sap.enabled=false --set fl.rounds=60 --set fl.local_epochs=2 \
+      --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
+  done
+  wait "${pids[@]}"
+else
+  pids=()
+  for g in 0.5 0.9; do
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" --set output.name=fedmef_sap_$g \
+      --set method.sap.enabled=true --set method.sap.gamma=$g --set fl.rounds=60 --set fl.local_epochs=2 \
+      --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
+  done
+  wait "${pids[@]}"
+fi
+python benchmarks/summarize_runs.py $R/* --json "$OUT/runs_phase$PHASE.json" | tee "$OUT/runs_phase$PHASE.md"
+tail -n 3 $R-*.log > "$OUT/run_logs_tail.txt" 2>&1
