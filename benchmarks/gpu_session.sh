@@ -7,12 +7,15 @@ set -u
 export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PHASE=${PHASE:-1}; BUDGET=${BUDGET:-480}
-pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
+# the device image has torch but may lack our CLI dependencies: carried wheels, no index
+python3 -m pip install --no-index --find-links carry/wheels click rich pyyaml > "$OUT/install.log" 2>&1
+python3 -m pip install --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || { echo "install failed"; tail -5 "$OUT/install.log"; }
+python3 -c "import fedmef_toolkit.cli.main, click, rich, yaml, safetensors, scipy; print('imports ok')" || tail -5 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 DATA=carry/cifar10-jpeg-train.tar.xz
 R=runs
 COMMON=(--set data.root=$DATA --set output.dir=$R --set precision=bf16 --set eval.every=5 --no-progress)
-python -c "
+python3 -c "
 from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load_data; import time; t=time.time()
 load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0); print('decode+cache s', round(time.time()-t,1))"
 start=$(date +%s)
@@ -24,10 +27,10 @@ if [ "$PHASE" = 1 ]; then
     fedmef train --recipe resnet18_cifar10.yaml --set data.root=$DATA --set output.dir=$R --set output.name=sim_$prec \
       --set precision=$prec --set fl.rounds=3 --set eval.every=3 --no-progress > "$OUT/sim_$prec.log" 2>&1
   done
-  python benchmarks/summarize_runs.py $R/sim_fp32 $R/sim_bf16 | tee "$OUT/sim.md"
+  python3 benchmarks/summarize_runs.py $R/sim_fp32 $R/sim_bf16 | tee "$OUT/sim.md"
   # issue 5: step memory/speed table
-  python benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" | tee "$OUT/step.md"
-  python benchmarks/bench_step.py --device cuda --bf16 --out "$OUT/step_bf16.json" | tee -a "$OUT/step.md"
+  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" | tee "$OUT/step.md"
+  python3 benchmarks/bench_step.py --device cuda --bf16 --out "$OUT/step_bf16.json" | tee -a "$OUT/step.md"
   # issue 3: BN vs NSConv, FedAvg, batch 64 and 8; issue 4: FedMef +/- BaE
   pids=()
   for arch in resnet18 mobilenetv2; do for norm in bn nsconv; do for bs in 64 8; do
@@ -50,5 +53,5 @@ else
   done
   wait "${pids[@]}"
 fi
-python benchmarks/summarize_runs.py $R/* --json "$OUT/runs_phase$PHASE.json" | tee "$OUT/runs_phase$PHASE.md"
+python3 benchmarks/summarize_runs.py $R/* --json "$OUT/runs_phase$PHASE.json" | tee "$OUT/runs_phase$PHASE.md"
 tail -n 3 $R-*.log > "$OUT/run_logs_tail.txt" 2>&1

@@ -6,6 +6,7 @@ import click
 
 from fedmef_toolkit import __version__
 
+from .convert import convert
 from .recipes import recipes
 from .report import report
 from .train import train
@@ -18,6 +19,7 @@ def main():
 
 
 main.add_command(train)
+main.add_command(convert)
 main.add_command(recipes)
 main.add_command(report)
 

@@ -13,3 +13,9 @@ class UserError(Exception):
     def __init__(self, message: str, source: str | None = None):
         self.source = source
         super().__init__(f"{source}: {message}" if source else message)
+
+
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message (or its type name), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

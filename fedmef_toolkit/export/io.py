@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, brief
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -21,7 +21,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise UserError(f"not a valid safetensors file ({str(exc).splitlines()[0][:200]})", str(path)) from None
+        raise UserError(f"not a valid safetensors file ({brief(exc, 200)})", str(path)) from None
     return tensors, meta
 
 
@@ -33,3 +33,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return densify(tensors, meta, str(path))
     return tensors
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(dense state dict, architecture description or None) of a model file we can read."""
+    from ..architecture import parse_description
+
+    tensors, meta = read_safetensors(path)
+    desc = parse_description(meta["fedmef_arch"], str(path)) if "fedmef_arch" in meta else None
+    if meta.get("format") == "fedmef-sparse":
+        from .sparse_format import densify
+
+        tensors = densify(tensors, meta, str(path))
+    return tensors, desc

@@ -23,7 +23,8 @@ from ..data import DataBundle, load_data
 from ..data.augment import DeviceAugment
 from ..data.partition import class_histograms, partition
 from ..errors import UserError
-from ..models import build_from_kwargs, model_kwargs_from_spec
+from ..architecture import build_from_description, registry_description
+from ..models import model_kwargs_from_spec
 from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
@@ -42,11 +43,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_init_weights(model: nn.Module, path: str) -> None:
-    """Initial weights from a safetensors file (e.g. written by `fedmef convert`)."""
-    from ..export.io import read_state_dict
-
-    state = read_state_dict(path)
+def load_init_weights(model: nn.Module, state: dict, path: str) -> None:
+    """Initial weights from a state dict read from `path`, checked against the model."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("weight_mask")]
     bad = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -94,14 +92,21 @@ class Simulator:
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
 
     # -- construction -------------------------------------------------------
-    @property
-    def model_kwargs(self) -> dict:
-        return model_kwargs_from_spec(self.recipe.model, self.data.num_classes, self.data.image_size)
-
     def build_model(self) -> nn.Module:
-        model = build_from_kwargs(self.model_kwargs)
-        if self.recipe.model.init:
-            load_init_weights(model, self.recipe.model.init)
+        """The recipe's registry model, or the architecture described in `model.init`'s
+        metadata (files written by `fedmef convert` carry their converted architecture)."""
+        self.arch_desc = registry_description(
+            model_kwargs_from_spec(self.recipe.model, self.data.num_classes, self.data.image_size))
+        init = self.recipe.model.init
+        if not init:
+            return build_from_description(self.arch_desc)
+        from ..export.io import read_model_file
+
+        state, desc = read_model_file(init)
+        if desc is not None and desc.get("kind") == "converted":
+            self.arch_desc = desc
+        model = build_from_description(self.arch_desc)
+        load_init_weights(model, state, init)
         return model
 
     def _partition(self) -> None:
@@ -141,7 +146,7 @@ class Simulator:
                          "version": __version__})
 
     def save_final_model(self, t: int, acc: float | None) -> None:
-        meta = {"format": "fedmef-dense", "round": t, "model": json.dumps(self.model_kwargs),
+        meta = {"format": "fedmef-dense", "round": t, "fedmef_arch": json.dumps(self.arch_desc),
                 "recipe_digest": self.recipe.digest(), "val_accuracy": "" if acc is None else f"{acc:.6f}",
                 "toolkit_version": __version__}
         save_model(self.run_dir / "model.safetensors", self.model.state_dict(), meta)

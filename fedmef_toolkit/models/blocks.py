@@ -7,8 +7,6 @@ architectures ask it for units and never test the norm themselves.
 
 from __future__ import annotations
 
-import math
-
 import torch.nn as nn
 
 from ..layers import NSConv2d, ScaledReLU
@@ -30,14 +28,24 @@ class NormPolicy:
 
     @property
     def residual_scale(self) -> float:
-        """Without BN, a residual sum of two unit-variance signals is rescaled by 1/sqrt(2)."""
-        return 1.0 if self.norm == "bn" else 1.0 / math.sqrt(2.0)
+        """Factor on a residual sum. 1 for both norms: without BN the branch starts at
+        zero (SkipInit, see residual_out), so the stream keeps unit variance at init."""
+        return 1.0
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Module:
         pad = k // 2
         if self.norm == "nsconv":
             return NSConv2d(cin, cout, k, stride, pad, groups=groups, bias=True, **self.nsconv_kwargs)
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+    def residual_out(self, conv: nn.Module) -> nn.Module:
+        """The last conv of a residual branch. Without BN it starts with gain 0 (SkipInit),
+        so every block is the identity at initialisation; measured on CIFAR-10, the
+        BN-free ResNet18 and MobileNetV2 otherwise diverge within a few dozen SGD
+        steps at lr 0.02, momentum 0.9, batch 8."""
+        if self.norm == "nsconv":
+            nn.init.zeros_(conv.gain)
+        return conv
 
     def act(self, relu6: bool = False) -> nn.Module:
         if self.norm == "nsconv":

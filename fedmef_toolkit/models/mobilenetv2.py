@@ -18,9 +18,12 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expansion != 1:
             layers += [policy.conv(cin, hidden, 1), policy.act(relu6=True)]
-        layers += [policy.conv(hidden, hidden, 3, stride, groups=hidden), policy.act(relu6=True), policy.conv(hidden, cout, 1)]
-        self.block = nn.Sequential(*layers)
         self.use_residual = stride == 1 and cin == cout
+        project = policy.conv(hidden, cout, 1)
+        if self.use_residual:
+            project = policy.residual_out(project)
+        layers += [policy.conv(hidden, hidden, 3, stride, groups=hidden), policy.act(relu6=True), project]
+        self.block = nn.Sequential(*layers)
         self.scale = policy.residual_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = policy.conv(cin, cout, 3, stride)
         self.act1 = policy.act()
-        self.conv2 = policy.conv(cout, cout, 3, 1)
+        self.conv2 = policy.residual_out(policy.conv(cout, cout, 3, 1))
         self.shortcut = policy.conv(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
         self.act2 = policy.act()
         self.scale = policy.residual_scale
