@@ -7,6 +7,7 @@ import click
 from fedmef_toolkit import __version__
 
 from .convert import convert
+from .export import eval_cmd, export, inspect
 from .recipes import recipes
 from .report import report
 from .train import train
@@ -20,6 +21,9 @@ def main():
 
 main.add_command(train)
 main.add_command(convert)
+main.add_command(export)
+main.add_command(inspect)
+main.add_command(eval_cmd)
 main.add_command(recipes)
 main.add_command(report)
 

@@ -27,12 +27,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A dense state dict from a dense or sparse safetensors file."""
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") == "fedmef-sparse":
-        from .sparse_format import densify
-
-        return densify(tensors, meta, str(path))
-    return tensors
+    return read_model_file(path)[0]
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -1,0 +1,137 @@
+"""Export a trained model and read it back: `export_model`, `load_sparse`, `load_model`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..architecture import build_from_description, parse_description
+from ..errors import UserError, brief
+from ..sparse.masks import MASK_SUFFIX
+from .io import read_safetensors
+from .sparse_format import DTYPES, FORMAT, VERSION, decode, pack_state
+
+FORMATS = ("sparse-safetensors", "safetensors")
+
+
+def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state dict, architecture description, provenance) from a run directory,
+    a model.safetensors or a checkpoint.safetensors."""
+    run_dir = None
+    if path.is_dir():
+        run_dir = path
+        path = path / "model.safetensors" if (path / "model.safetensors").exists() else path / "checkpoint.safetensors"
+        if not path.exists():
+            raise UserError("no model.safetensors or checkpoint.safetensors in this directory", str(run_dir))
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") == FORMAT:
+        raise UserError("already a sparse export; export from the run directory or a dense model file", str(path))
+    if any(k.startswith("model.") for k in tensors):  # a checkpoint: model.* and strategy.* tensors
+        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        run_dir = run_dir or path.parent
+        model_meta = {}
+        mfile = run_dir / "model.safetensors"
+        if mfile.exists():
+            model_meta = read_safetensors(mfile)[1]
+        meta = {**model_meta, **meta}
+        state_file = run_dir / "checkpoint.json"
+        if state_file.exists():
+            st = json.loads(state_file.read_text())
+            meta.setdefault("round", str(st.get("round")))
+            meta.setdefault("recipe_digest", st.get("recipe_digest", ""))
+    if "fedmef_arch" not in meta:
+        raise UserError("no architecture description in the file's metadata (not written by fedmef train/convert)", str(path))
+    desc = parse_description(meta["fedmef_arch"], str(path))
+    masks = {k: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+    total = sum(m.numel() for m in masks.values())
+    provenance = {
+        "recipe_digest": meta.get("recipe_digest", ""), "round": meta.get("round", ""),
+        "density": round(sum(int(m.sum()) for m in masks.values()) / total, 6) if total else 1.0,
+        "val_accuracy": meta.get("val_accuracy", ""), "toolkit_version": __version__, "source": str(path),
+    }
+    return tensors, desc, provenance
+
+
+def export_model(src: Path, out: Path, fmt: str = "sparse-safetensors", dtype: str = "fp32") -> dict:
+    """Write `out`; returns a summary (tensors, density, bytes, dense bytes)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
+    state, desc, prov = read_source(src)
+    sparse = fmt == "sparse-safetensors"
+    tensors, layout = pack_state(state, DTYPES[dtype], sparse=sparse)
+    meta = {"format": FORMAT if sparse else "fedmef-dense", "format_version": VERSION,
+            "layout": json.dumps(layout), "fedmef_arch": json.dumps(desc), "provenance": json.dumps(prov)}
+    if not sparse:
+        meta.update({k: str(v) for k, v in prov.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=meta)
+    dense_bytes = sum(t.numel() * (DTYPES[dtype].itemsize if t.is_floating_point() else t.element_size())
+                      for k, t in state.items() if not k.endswith(MASK_SUFFIX))
+    return {"tensors": len(layout), "csr": sum(1 for v in layout.values() if v["layout"] == "csr"),
+            "density": prov["density"], "bytes": out.stat().st_size, "dense_value_bytes": dense_bytes}
+
+
+def load_sparse(path: str | Path, as_sparse: bool = False) -> dict[str, torch.Tensor]:
+    """State dict of a file we exported: dense tensors (masks restored as `*.weight_mask`),
+    or with as_sparse=True torch sparse CSR tensors (shape (out, rest)) for CSR entries."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        return tensors
+    try:
+        return decode(tensors, meta, str(path), as_sparse=as_sparse)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"invalid sparse file: {brief(exc)}", str(path)) from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready-to-run module in eval mode from an exported (sparse or dense) file."""
+    from .io import read_model_file
+
+    state, desc = read_model_file(path)
+    if desc is None:
+        raise UserError("no architecture description in the file's metadata", str(path))
+    model = build_from_description(desc)
+    from ..sparse.masks import attach_masks
+
+    masks = {k[: -len("." + MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    try:
+        if masks:
+            attach_masks(model, masks)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise UserError(f"tensors do not fit the described architecture: {brief(exc)}", str(path)) from None
+    return model.to(device).eval()
+
+
+def inspect_file(path: str | Path) -> dict:
+    """Per-tensor layout, shape, density and bytes, plus the metadata."""
+    tensors, meta = read_safetensors(path)
+    rows = []
+    if meta.get("format") == FORMAT:
+        layout = json.loads(meta.get("layout", "{}"))
+        for name, info in layout.items():
+            parts = [f"{name}.{p}" for p in ("values", "col_indices", "crow_indices")] if info["layout"] == "csr" else [name]
+            nbytes = sum(tensors[p].numel() * tensors[p].element_size() for p in parts if p in tensors)
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            nnz = tensors[parts[0]].numel() if info["layout"] == "csr" and parts[0] in tensors else numel
+            rows.append({"name": name, "layout": info["layout"], "shape": info["shape"], "dtype": info["dtype"],
+                         "stored_dtype": str(tensors[parts[0]].dtype).replace("torch.", "") if parts[0] in tensors else "?",
+                         "density": nnz / max(1, numel), "bytes": nbytes})
+    else:
+        for name, t in tensors.items():
+            rows.append({"name": name, "layout": "dense", "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                         "stored_dtype": str(t.dtype).replace("torch.", ""),
+                         "density": float((t != 0).float().mean()) if t.numel() else 1.0,
+                         "bytes": t.numel() * t.element_size()})
+    return {"file": str(path), "bytes": Path(path).stat().st_size, "metadata": meta, "tensors": rows}
