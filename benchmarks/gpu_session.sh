@@ -45,11 +45,25 @@ if [ "$PHASE" = 1 ]; then
   done
   wait "${pids[@]}"
 else
+  # PHASE=2: step diagnostics, then every accuracy experiment at once (issues 3, 4, 5)
+  python3 benchmarks/diag_step.py resnet18 > "$OUT/diag.txt" 2>&1
   pids=()
+  for arch in resnet18 mobilenetv2; do for norm in bn nsconv; do for bs in 64 8; do
+    timeout $(left) fedmef train --recipe ${arch}_cifar10.yaml "${COMMON[@]}" --set output.name=norm_${arch}_${norm}_b$bs \
+      --set model.norm=$norm --set fl.batch_size=$bs --set fl.rounds=20 --set fl.local_epochs=1 \
+      --set fl.lr=0.02 --set fl.momentum=0.9 > "$R-norm_${arch}_${norm}_b$bs.log" 2>&1 & pids+=($!)
+  done; done; done
+  MEF=(--set fl.rounds=40 --set fl.local_epochs=2 --set method.sparsity.delta_t=5 --set method.sparsity.t_end=50
+       --set fl.lr=0.05 --set fl.momentum=0.9)
+  for bae in true false; do
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
+      --set output.name=fedmef_bae_$bae --set method.bae.enabled=$bae --set method.sap.enabled=false \
+      > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
+  done
   for g in 0.5 0.9; do
-    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" --set output.name=fedmef_sap_$g \
-      --set method.sap.enabled=true --set method.sap.gamma=$g --set fl.rounds=60 --set fl.local_epochs=2 \
-      --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
+      --set output.name=fedmef_sap_$g --set method.sap.enabled=true --set method.sap.gamma=$g \
+      > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
   done
   wait "${pids[@]}"
 fi
