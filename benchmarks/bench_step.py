@@ -77,17 +77,19 @@ def main():
             rows.append(r)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{device_name}, batch {args.batch}, 32x32, density 0.1, {'bf16' if dtype else 'fp32'}")
-    print("| model | config | saved act. MiB | vs (a) | peak step MiB | vs (a) | samples/s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | config | saved act. MiB | vs (a) | peak step MiB | vs (a) | step increase MiB | vs (a) | samples/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for arch in args.archs.split(","):
         group = [r for r in rows if r["arch"] == arch]
         base = group[0]
         for r in group:
             act, bact = r["measured"]["activations"], base["measured"]["activations"]
             peak, bpeak = r["measured"]["cuda_peak_step"], base["measured"]["cuda_peak_step"]
-            print(f"| {arch} | {r['name']} | {act / 2**20:.1f} | {act / bact:.2f}x | "
-                  f"{'-' if peak is None else f'{peak / 2**20:.1f}'} | "
-                  f"{'-' if peak is None else f'{peak / bpeak:.2f}x'} | {r['samples_per_s']:.0f} |")
+            inc, binc = r["measured"]["cuda_step_increase"], base["measured"]["cuda_step_increase"]
+            cells = ["-"] * 4 if peak is None else [f"{peak / 2**20:.1f}", f"{peak / bpeak:.2f}x", f"{inc / 2**20:.1f}",
+                                                   f"{inc / binc:.2f}x"]
+            print(f"| {arch} | {r['name']} | {act / 2**20:.1f} | {act / bact:.2f}x | " + " | ".join(cells)
+                  + f" | {r['samples_per_s']:.0f} |")
     with open(args.out, "w") as f:
         json.dump({"device": device_name, "precision": "bf16" if dtype else "fp32", "rows": rows}, f, indent=1)
 

@@ -44,6 +44,19 @@ if [ "$PHASE" = 1 ]; then
       --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
   done
   wait "${pids[@]}"
+elif [ "$PHASE" = 3 ]; then
+  # PHASE=3: step table with the corrected peak measurement, SAP accuracy runs to 40 rounds
+  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" > "$OUT/step.md" 2>&1
+  cat "$OUT/step.md"
+  MEF=(--set fl.rounds=40 --set fl.local_epochs=2 --set method.sparsity.delta_t=5 --set method.sparsity.t_end=50
+       --set fl.lr=0.05 --set fl.momentum=0.9)
+  pids=()
+  for g in 0.5 0.9; do
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
+      --set output.name=fedmef_sap_$g --set method.sap.enabled=true --set method.sap.gamma=$g \
+      > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
+  done
+  wait "${pids[@]}"
 else
   # PHASE=2: step diagnostics, then every accuracy experiment at once (issues 3, 4, 5)
   python3 benchmarks/diag_step.py resnet18 > "$OUT/diag.txt" 2>&1

@@ -23,6 +23,7 @@ All sizes are bytes; reductions are fractions (0.285 = 28.5% less).
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +128,16 @@ def measure_config(cfg: MemoryConfig, batch_size: int, image_size: int, num_clas
     weights = weight_bytes(model)
     grads = n_params * 4  # PyTorch keeps dense fp32 gradients, masked or not
     optim = n_params * 4 if cfg.momentum > 0 else 0
-    act_analytic = sum(analytic_activation_bytes(copy.deepcopy(model), x, elem).values())
-    saved = saved_tensor_bytes(model, x, y, autocast_dtype)
     peak = None
-    if device.type == "cuda":
+    if device.type == "cuda":  # first, so nothing from the other measurements is still allocated
+        gc.collect()
+        torch.cuda.empty_cache()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
         peak = cuda_step_peak(model, x, y, opt, autocast_dtype)
+        model.zero_grad(set_to_none=True)
+        del opt
+    act_analytic = sum(analytic_activation_bytes(copy.deepcopy(model), x, elem).values())
+    saved = saved_tensor_bytes(model, x, y, autocast_dtype)
     return {
         "name": cfg.name, "arch": cfg.arch, "norm": cfg.norm, "width": cfg.width, "density": cfg.density,
         "sap": {"enabled": cfg.sap_enabled, "gamma": cfg.gamma, "selection": cfg.selection},
