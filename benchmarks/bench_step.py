@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -52,6 +54,15 @@ def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int) -> f
     return steps * batch / (time.perf_counter() - t0)
 
 
+def configs_for(arch: str) -> list[MemoryConfig]:
+    return [
+        MemoryConfig("(a) BN, no SAP", arch, "bn", density=0.1),
+        MemoryConfig("(b) NSConv, no SAP", arch, "nsconv", density=0.1),
+        MemoryConfig("(c) NSConv+SAP 0.5", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.5),
+        MemoryConfig("(d) NSConv+SAP 0.9", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.9),
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,21 +71,25 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--archs", default="resnet18,mobilenetv2")
     ap.add_argument("--out", default="bench_step.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else None
+    if args.one:  # child process: one configuration, JSON on stdout
+        arch, idx = args.one.split(":")
+        cfg = configs_for(arch)[int(idx)]
+        r = measure_config(cfg, args.batch, 32, 10, device, dtype)
+        r["samples_per_s"] = samples_per_s(cfg, args.batch, device, dtype, args.steps)
+        print(json.dumps(r))
+        return
     rows = []
     for arch in args.archs.split(","):
-        configs = [
-            MemoryConfig("(a) BN, no SAP", arch, "bn", density=0.1),
-            MemoryConfig("(b) NSConv, no SAP", arch, "nsconv", density=0.1),
-            MemoryConfig("(c) NSConv+SAP 0.5", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.5),
-            MemoryConfig("(d) NSConv+SAP 0.9", arch, "nsconv", density=0.1, sap_enabled=True, gamma=0.9),
-        ]
-        for cfg in configs:
-            r = measure_config(cfg, args.batch, 32, 10, device, dtype)
-            r["samples_per_s"] = samples_per_s(cfg, args.batch, device, dtype, args.steps)
-            rows.append(r)
+        for idx in range(len(configs_for(arch))):
+            # a fresh process per configuration: absolute peaks then include nothing left by another
+            cmd = [sys.executable, __file__, "--one", f"{arch}:{idx}", "--device", args.device, "--batch",
+                   str(args.batch), "--steps", str(args.steps)] + (["--bf16"] if args.bf16 else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{device_name}, batch {args.batch}, 32x32, density 0.1, {'bf16' if dtype else 'fp32'}")
     print("| model | config | saved act. MiB | vs (a) | peak step MiB | vs (a) | step increase MiB | vs (a) | samples/s |")

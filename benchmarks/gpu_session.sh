@@ -44,6 +44,10 @@ if [ "$PHASE" = 1 ]; then
       --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
   done
   wait "${pids[@]}"
+elif [ "$PHASE" = 4 ]; then
+  # PHASE=4: the step table only, one process per configuration
+  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" 2>&1 | tee "$OUT/step.md"
+  exit 0
 elif [ "$PHASE" = 3 ]; then
   # PHASE=3: step table with the corrected peak measurement, SAP accuracy runs to 40 rounds
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" > "$OUT/step.md" 2>&1

@@ -149,7 +149,8 @@ class NSConv2d(nn.Conv2d):
         if self.sap is not None and self.training and torch.is_grad_enabled():
             from ..sap.functions import sap_conv2d
 
-            return sap_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sap)
+            return sap_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sap,
+                              recompute_weight=self.standardized_weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _accumulate_effective_grad(self, grad: torch.Tensor) -> None:

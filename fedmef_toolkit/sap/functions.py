@@ -52,7 +52,7 @@ class _SavedInput:
 
 class SAPConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg, recompute_weight=None):
         dtype = _autocast_dtype(x)
         in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         if dtype is not None:
@@ -61,13 +61,22 @@ class SAPConv2dFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         saved = _SavedInput.pack(ctx, x.detach(), cfg)
-        ctx.save_for_backward(weight, *saved)
+        # A derived weight (NSConv's standardised one) is recomputed in backward instead of
+        # kept: one weight-sized tensor less per layer between forward and backward.
+        ctx.recompute = recompute_weight
+        ctx.compute_dtype = weight.dtype
+        ctx.save_for_backward(*([] if recompute_weight is not None else [weight]), *saved)
         ctx.conf = (stride, padding, dilation, groups, bias is not None, in_dtypes)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        weight, *saved = ctx.saved_tensors
+        if ctx.recompute is not None:
+            saved = list(ctx.saved_tensors)
+            with torch.no_grad():
+                weight = ctx.recompute().to(ctx.compute_dtype)
+        else:
+            weight, *saved = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, in_dtypes = ctx.conf
         gy = gy.to(weight.dtype)
         gx = gw = gb = None
@@ -78,7 +87,7 @@ class SAPConv2dFunction(torch.autograd.Function):
             gw = torch.nn.grad.conv2d_weight(x_pruned, weight.shape, gy, stride, padding, dilation, groups).to(in_dtypes[1])
         if has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(0, 2, 3)).to(in_dtypes[2])
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 class SAPLinearFunction(torch.autograd.Function):
@@ -131,8 +140,10 @@ class MaskedReLUFunction(torch.autograd.Function):
         return (g * ctx.gain if ctx.gain != 1.0 else g), None, None
 
 
-def sap_conv2d(x, weight, bias, stride, padding, dilation, groups, cfg: SAPConfig):
-    return SAPConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, cfg)
+def sap_conv2d(x, weight, bias, stride, padding, dilation, groups, cfg: SAPConfig, recompute_weight=None):
+    """recompute_weight: a no-argument callable that returns `weight` again in backward
+    (the parameters do not change between a forward and its backward)."""
+    return SAPConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, cfg, recompute_weight)
 
 
 def sap_linear(x, weight, bias, cfg: SAPConfig):
