@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device-tool call: install, simulator + step benchmarks, then the accuracy
 # experiments as concurrent processes on the one GPU. Everything lands in $OUT.
-#   PHASE=1: benchmarks + BN-vs-NSConv (issue 3) + FedMef with/without BaE (issue 4)
-#   PHASE=2: SAP gamma 0.5 / 0.9 accuracy runs (issue 5)
+#   PHASE=1: simulator throughput (fp32, bf16) and the step table in one process
+#   PHASE=2: step diagnostics, then every accuracy experiment (issues 3, 4, 5) at once
+#   PHASE=3: step table + SAP accuracy runs;  PHASE=4: step table, one process per config
 set -u
 export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +21,17 @@ from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load
 load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0); print('decode+cache s', round(time.time()-t,1))"
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+# FedMef on ResNet18 / CIFAR-10 for the accuracy experiments: 40 rounds, 8 adjustments
+MEF=(--set fl.rounds=40 --set fl.local_epochs=2 --set method.sparsity.delta_t=5 --set method.sparsity.t_end=50
+     --set fl.lr=0.05 --set fl.momentum=0.9)
+pids=()
+sap_runs() {  # SAP gamma 0.5 and 0.9 (gamma 0 is the BaE run), in the background
+  for g in 0.5 0.9; do
+    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
+      --set output.name=fedmef_sap_$g --set method.sap.enabled=true --set method.sap.gamma=$g \
+      > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
+  done
+}
 
 if [ "$PHASE" = 1 ]; then
   # issue 2: the simulator alone, ResNet18 FedAvg (BN), 3 rounds of the paper setting, fp32 and bf16
@@ -31,19 +43,6 @@ if [ "$PHASE" = 1 ]; then
   # issue 5: step memory/speed table
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" | tee "$OUT/step.md"
   python3 benchmarks/bench_step.py --device cuda --bf16 --out "$OUT/step_bf16.json" | tee -a "$OUT/step.md"
-  # issue 3: BN vs NSConv, FedAvg, batch 64 and 8; issue 4: FedMef +/- BaE
-  pids=()
-  for arch in resnet18 mobilenetv2; do for norm in bn nsconv; do for bs in 64 8; do
-    timeout $(left) fedmef train --recipe ${arch}_cifar10.yaml "${COMMON[@]}" --set output.name=norm_${arch}_${norm}_b$bs \
-      --set model.norm=$norm --set fl.batch_size=$bs --set fl.rounds=20 --set fl.local_epochs=1 \
-      --set fl.lr=0.02 --set fl.momentum=0.9 > "$R-norm_${arch}_${norm}_b$bs.log" 2>&1 & pids+=($!)
-  done; done; done
-  for bae in true false; do
-    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" --set output.name=fedmef_bae_$bae \
-      --set method.bae.enabled=$bae --set method.sap.enabled=false --set fl.rounds=60 --set fl.local_epochs=2 \
-      --set method.sparsity.t_end=70 --set fl.lr=0.05 --set fl.momentum=0.9 > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
-  done
-  wait "${pids[@]}"
 elif [ "$PHASE" = 4 ]; then
   # PHASE=4: the step table only, one process per configuration
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" 2>&1 | tee "$OUT/step.md"
@@ -52,36 +51,22 @@ elif [ "$PHASE" = 3 ]; then
   # PHASE=3: step table with the corrected peak measurement, SAP accuracy runs to 40 rounds
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fp32.json" > "$OUT/step.md" 2>&1
   cat "$OUT/step.md"
-  MEF=(--set fl.rounds=40 --set fl.local_epochs=2 --set method.sparsity.delta_t=5 --set method.sparsity.t_end=50
-       --set fl.lr=0.05 --set fl.momentum=0.9)
-  pids=()
-  for g in 0.5 0.9; do
-    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
-      --set output.name=fedmef_sap_$g --set method.sap.enabled=true --set method.sap.gamma=$g \
-      > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
-  done
+  sap_runs
   wait "${pids[@]}"
 else
   # PHASE=2: step diagnostics, then every accuracy experiment at once (issues 3, 4, 5)
   python3 benchmarks/diag_step.py resnet18 > "$OUT/diag.txt" 2>&1
-  pids=()
   for arch in resnet18 mobilenetv2; do for norm in bn nsconv; do for bs in 64 8; do
     timeout $(left) fedmef train --recipe ${arch}_cifar10.yaml "${COMMON[@]}" --set output.name=norm_${arch}_${norm}_b$bs \
       --set model.norm=$norm --set fl.batch_size=$bs --set fl.rounds=20 --set fl.local_epochs=1 \
       --set fl.lr=0.02 --set fl.momentum=0.9 > "$R-norm_${arch}_${norm}_b$bs.log" 2>&1 & pids+=($!)
   done; done; done
-  MEF=(--set fl.rounds=40 --set fl.local_epochs=2 --set method.sparsity.delta_t=5 --set method.sparsity.t_end=50
-       --set fl.lr=0.05 --set fl.momentum=0.9)
   for bae in true false; do
     timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
       --set output.name=fedmef_bae_$bae --set method.bae.enabled=$bae --set method.sap.enabled=false \
       > "$R-fedmef_bae_$bae.log" 2>&1 & pids+=($!)
   done
-  for g in 0.5 0.9; do
-    timeout $(left) fedmef train --recipe fedmef_resnet18_cifar10.yaml "${COMMON[@]}" "${MEF[@]}" \
-      --set output.name=fedmef_sap_$g --set method.sap.enabled=true --set method.sap.gamma=$g \
-      > "$R-fedmef_sap_$g.log" 2>&1 & pids+=($!)
-  done
+  sap_runs
   wait "${pids[@]}"
 fi
 python3 benchmarks/summarize_runs.py $R/* --json "$OUT/runs_phase$PHASE.json" | tee "$OUT/runs_phase$PHASE.md"

@@ -51,16 +51,9 @@ class _Standardize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, gain, mask, stats, unbiased, eps):
-        out_ch = weight.shape[0]
-        w2 = weight.reshape(out_ch, -1)
-        m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
-        c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
-        w_hat = c * r * gain.reshape(out_ch, 1)
-        if m2 is not None:
-            w_hat = w_hat * m2
         ctx.save_for_backward(weight, gain, mask)
         ctx.conf = (stats, unbiased, eps)
-        return w_hat.reshape_as(weight)
+        return standardize_weight_reference(weight, gain, mask, stats, unbiased, eps)
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,7 +102,8 @@ def standardize_weight(
 
 
 def standardize_weight_reference(weight, gain, mask=None, stats="active", unbiased=False, eps=1e-4):
-    """The same map in plain autograd ops: the reference the custom backward is tested against."""
+    """The map in plain tensor ops: the forward of the custom function, and (differentiated
+    by autograd) the reference its hand-written backward is tested against."""
     out_ch = weight.shape[0]
     w2 = weight.reshape(out_ch, -1)
     m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)

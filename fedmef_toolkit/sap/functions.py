@@ -35,6 +35,16 @@ def _autocast_dtype(t: torch.Tensor):
     return None
 
 
+def _cast_for_autocast(x, weight, bias):
+    """Inputs in the autocast dtype (if autocast is on) and the dtypes the grads must have."""
+    in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return x, weight, bias, in_dtypes
+
+
 class _SavedInput:
     """Packs/unpacks the saved input; gamma == 0 keeps it dense (exactly dense training)."""
 
@@ -53,11 +63,7 @@ class _SavedInput:
 class SAPConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg, recompute_weight=None):
-        dtype = _autocast_dtype(x)
-        in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if dtype is not None:
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, in_dtypes = _cast_for_autocast(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         saved = _SavedInput.pack(ctx, x.detach(), cfg)
@@ -93,11 +99,7 @@ class SAPConv2dFunction(torch.autograd.Function):
 class SAPLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
-        dtype = _autocast_dtype(x)
-        in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if dtype is not None:
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, in_dtypes = _cast_for_autocast(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, weight, bias)
         saved = _SavedInput.pack(ctx, x.detach(), cfg)
