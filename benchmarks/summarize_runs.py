@@ -27,6 +27,7 @@ def summarize(run_dir: Path) -> dict:
         "low_norm_start_end": low,
         "median_samples_per_s": statistics.median(sps) if sps else None,
         "cuda_max_mem_mib": max((r.get("cuda_max_mem_mib", 0) for r in rows), default=None),
+        "cpu_max_rss_mib": max((r.get("cpu_max_rss_mib", 0) for r in rows), default=None),
         "acc_curve": [(r["round"], r["eval_acc"]) for r in evals],
     }
 
@@ -40,12 +41,13 @@ def main():
     for d in args.runs:
         if (d / "metrics.jsonl").exists():
             out.append(summarize(d))
-    print("| run | rounds | final acc | best acc | adjustments | mean drop | samples/s | CUDA MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | rounds | final acc | best acc | adjustments | mean drop | samples/s | CUDA MiB | CPU RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in out:
         f = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"
         print(f"| {s['run']} | {s['rounds']} | {f(s['final_acc'])} | {f(s['best_acc'])} | {s['adjustments']} | "
-              f"{f(s['mean_adjust_drop'])} | {f(s['median_samples_per_s'], 0)} | {s['cuda_max_mem_mib']} |")
+              f"{f(s['mean_adjust_drop'])} | {f(s['median_samples_per_s'], 0)} | {s['cuda_max_mem_mib']} | "
+              f"{s['cpu_max_rss_mib']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

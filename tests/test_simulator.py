@@ -9,7 +9,7 @@ from fedmef_toolkit.fl.aggregate import masked_average, weighted_average
 from fedmef_toolkit.fl.simulator import Simulator
 from fedmef_toolkit.recipe import recipe_from_dict
 
-TIME_KEYS = {"time_s", "samples_per_s"}
+TIME_KEYS = {"time_s", "samples_per_s", "cpu_max_rss_mib"}  # measurements, not results
 
 
 def strip_times(rows):

@@ -10,6 +10,7 @@ resumed CPU run reproduces the uninterrupted one exactly.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,8 @@ class Simulator:
             row.update({"eval_acc": acc, "eval_loss": loss, "eval_split": self.data.eval_name})
         if self.device.type == "cuda":
             row["cuda_max_mem_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        else:  # peak resident memory of the whole process (Linux reports KiB)
+            row["cpu_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return row
 
     # -- the loop -----------------------------------------------------------

@@ -86,11 +86,15 @@ class SAPConv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups, has_bias, in_dtypes = ctx.conf
         gy = gy.to(weight.dtype)
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, gy, stride, padding, dilation, groups).to(in_dtypes[0])
+        # Weight gradient first, so the unpacked input is freed before the input
+        # gradient (the same size) is allocated: one input-sized tensor less at the peak.
         if ctx.needs_input_grad[1]:
             x_pruned = _SavedInput.unpack(ctx, saved)
+            del saved
             gw = torch.nn.grad.conv2d_weight(x_pruned, weight.shape, gy, stride, padding, dilation, groups).to(in_dtypes[1])
+            del x_pruned
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, gy, stride, padding, dilation, groups).to(in_dtypes[0])
         if has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(0, 2, 3)).to(in_dtypes[2])
         return gx, gw, gb, None, None, None, None, None, None

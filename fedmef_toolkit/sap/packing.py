@@ -56,6 +56,5 @@ def pack_activation(x: torch.Tensor, gamma: float, per_sample: bool) -> tuple[to
 
 
 def unpack_activation(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    numel = math.prod(shape)
-    mask = unpack_bits(bits, numel).view(shape)
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter_(unpack_bits(bits, out.numel()).view(shape), values)
