@@ -39,7 +39,7 @@ def report(target, overrides, out_dir, device, as_json):
     else:
         recipe = load_recipe(target, list(overrides))
         out_dir = out_dir or Path(".")
-    num_classes, image_size = _shape_of(recipe)
+    num_classes, image_size = _shape_of(recipe, path if path.is_dir() else None)
     dev = resolve_device(device or recipe.device)
     rep = report_for_recipe(recipe, num_classes, image_size, dev)
     write_report(rep, out_dir)
@@ -50,11 +50,15 @@ def report(target, overrides, out_dir, device, as_json):
         console.print(f"wrote {out_dir / 'memory.json'}", highlight=False)
 
 
-def _shape_of(recipe) -> tuple[int, int]:
-    """Classes and image size without decoding the data set."""
+def _shape_of(recipe, run_dir: Path | None) -> tuple[int, int]:
+    """Classes and image size without decoding the data set: the run's partition.json
+    knows the classes; image folders are measured at 32x32 (CIFAR/CINIC-sized)."""
+    import json
+
     d = recipe.data
     if d.dataset == "synthetic":
         return d.synthetic.num_classes, d.synthetic.image_size
-    if d.dataset == "tinyimagenet":
-        return 200, 64
-    return 10, 32
+    size = 64 if d.dataset == "tinyimagenet" else 32
+    if run_dir is not None and (run_dir / "partition.json").is_file():
+        return len(json.loads((run_dir / "partition.json").read_text())["classes"]), size
+    return (200 if d.dataset == "tinyimagenet" else 10), size

@@ -52,6 +52,9 @@ def train(recipe_name, overrides, resume_dir, no_progress):
     if recipe.output.memory_report and resume_dir is None:
         _memory_report(sim)
     rows = sim.run()
+    from fedmef_toolkit.plots import write_accuracy_curves
+
+    write_accuracy_curves([run_dir], run_dir / "accuracy.png")
     last = next((r for r in reversed(rows) if "eval_acc" in r), None)
     if last:
         console.print(f"final {last.get('eval_split', 'val')} accuracy [bold]{last['eval_acc']:.4f}[/] after round "

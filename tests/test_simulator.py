@@ -98,6 +98,7 @@ def test_cli_train_and_resume(tmp_path):
     proc = subprocess.run(cmd + ["--set", "fl.rounds=2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "final val accuracy" in proc.stdout
+    assert (tmp_path / "runs" / "run" / "accuracy.png").stat().st_size > 1000
     run_dir = tmp_path / "runs" / "run"
     proc = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--resume", str(run_dir),
                            "--no-progress"], capture_output=True, text=True)
