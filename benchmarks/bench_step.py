@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fedmef_toolkit.fl.client import apply_step_masks
 from fedmef_toolkit.memory.report import MemoryConfig, measure_config
 
 
@@ -35,12 +36,8 @@ def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int) -> f
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(xs[i % 4]), ys[i % 4])
         loss.backward()
-        for w, m in masks:
-            w.grad.mul_(m)
-        opt.step()
         with torch.no_grad():
-            for w, m in masks:
-                w.mul_(m)
+            apply_step_masks(opt, [w for w, _ in masks], [m for _, m in masks])
 
     for i in range(5):
         step(i)

@@ -80,6 +80,10 @@ class ClientTrainer:
     def train(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator) -> ClientResult:
         model.train()
         opt = self._optimizer(model, plan.lr)
+        # Mask buffers are only ever changed in place (plans copy_ into them), so the
+        # (weight, mask) pairs can be collected once per client.
+        pairs = masked_weights(model)
+        weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
         total = self.total_steps(client.num_samples)
         plan.begin(model, total)
         loss_sum = torch.zeros((), device=self.train_x.device)
@@ -95,17 +99,8 @@ class ClientTrainer:
             total_loss = loss if extra is None else loss + extra
             opt.zero_grad(set_to_none=True)
             total_loss.backward()
-            masked = masked_weights(model)  # looked up per step: a plan may change masks
             with torch.no_grad():
-                for w, m in masked:  # pruned entries get no update and no momentum
-                    if w.grad is not None:
-                        w.grad.mul_(m)
-                opt.step()
-                for w, m in masked:
-                    w.mul_(m)
-                    buf = opt.state.get(w, {}).get("momentum_buffer")
-                    if buf is not None:  # a mask that changed mid-training leaves momentum behind
-                        buf.mul_(m)
+                apply_step_masks(opt, weights, masks)
             loss_sum += loss.detach().float()
             step += 1
         upload = plan.finish(model, self, client, gen)
@@ -144,6 +139,26 @@ class ClientTrainer:
             m._effective_grad = None
         model.zero_grad(set_to_none=True)
         return grads
+
+
+def apply_step_masks(opt: torch.optim.Optimizer, weights: list, masks: list) -> None:
+    """One optimizer step that leaves pruned entries, their gradient and momentum at 0.
+    Grouped (foreach) ops: two or three kernel launches instead of one per layer."""
+    if not weights:
+        opt.step()
+        return
+    grads = [w.grad for w in weights]
+    if all(g is not None for g in grads):
+        torch._foreach_mul_(grads, masks)
+    else:
+        for g, m in zip(grads, masks):
+            if g is not None:
+                g.mul_(m)
+    opt.step()
+    torch._foreach_mul_(weights, masks)
+    bufs = [opt.state.get(w, {}).get("momentum_buffer") for w in weights]
+    if all(b is not None for b in bufs):  # a mask changed mid-training leaves momentum behind
+        torch._foreach_mul_(bufs, masks)
 
 
 def masked_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

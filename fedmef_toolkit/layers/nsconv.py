@@ -37,8 +37,11 @@ def _stats(w2, m2, stats, unbiased, eps):
         wm = w2 if m2 is None else w2 * m2
         mu = wm.sum(dim=1, keepdim=True) / n
         c = wm - mu
-    f = n / (n - 1.0).clamp_min(1.0) if unbiased else torch.ones_like(n)
-    s = f * (c * c).sum(dim=1, keepdim=True)
+    s = (c * c).sum(dim=1, keepdim=True)
+    f = None  # the unbiased factor n / (n - 1); None means 1 (skips a kernel per call)
+    if unbiased:
+        f = n / (n - 1.0).clamp_min(1.0)
+        s = f * s
     floored = s <= eps
     r = torch.rsqrt(s.clamp_min(eps))
     return c, r, f, floored
@@ -64,14 +67,16 @@ class _Standardize(torch.autograd.Function):
         m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
         c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
         g2 = grad.reshape(out_ch, -1).to(w2.dtype)
-        if m2 is not None:
-            g2 = g2 * m2
+        active_masked = m2 is not None and stats == "active"
+        if m2 is not None and not active_masked:
+            g2 = g2 * m2  # with active statistics c is already 0 where pruned, and dc is masked below
         grad_gain = (g2 * c).sum(dim=1) * r.squeeze(1)
         u = g2 * gain.reshape(out_ch, 1)  # dL/d(c * r)
         uc = (u * c).sum(dim=1, keepdim=True)
         # d r / d c_j = -f r^3 c_j (zero where the eps floor holds r constant)
-        dc = u * r - torch.where(floored, torch.zeros_like(r), f * r ** 3 * uc) * c
-        if m2 is not None and stats == "active":
+        k = r ** 3 * uc if f is None else f * r ** 3 * uc
+        dc = u * r - torch.where(floored, torch.zeros_like(r), k) * c
+        if active_masked:
             n = m2.sum(dim=1, keepdim=True).clamp_min(1.0)
             dc = dc * m2
             dw = (dc - (dc.sum(dim=1, keepdim=True) / n)) * m2
@@ -108,8 +113,8 @@ def standardize_weight_reference(weight, gain, mask=None, stats="active", unbias
     w2 = weight.reshape(out_ch, -1)
     m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
     c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
-    w_hat = c * r * gain.reshape(out_ch, 1)
-    if m2 is not None:
+    w_hat = c * (r * gain.reshape(out_ch, 1))  # per-channel factor first: one full-size multiply
+    if m2 is not None and stats == "all":  # with active statistics c is already 0 where pruned
         w_hat = w_hat * m2
     return w_hat.reshape_as(weight)
 

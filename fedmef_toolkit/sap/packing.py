@@ -40,19 +40,29 @@ def keep_count(per_row: int, gamma: float) -> int:
     return max(1, min(per_row, math.ceil((1.0 - gamma) * per_row - 1e-9)))
 
 
-def topk_keep_mask(x: torch.Tensor, gamma: float, per_sample: bool) -> torch.Tensor:
-    """Bool mask of the top-(1-gamma) entries of |x|, per sample (dim 0) or over the tensor."""
+def _topk_rows(x: torch.Tensor, gamma: float, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows view of x and, per row, the ascending flat indices of its top-(1-gamma) |entries|."""
     rows = x.reshape(x.shape[0], -1) if per_sample else x.reshape(1, -1)
     k = keep_count(rows.shape[1], gamma)
     idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices
+    return rows, idx.sort(dim=1).values
+
+
+def topk_keep_mask(x: torch.Tensor, gamma: float, per_sample: bool) -> torch.Tensor:
+    """Bool mask of the top-(1-gamma) entries of |x|, per sample (dim 0) or over the tensor."""
+    rows, idx = _topk_rows(x, gamma, per_sample)
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=x.device)
     mask.scatter_(1, idx, True)
     return mask.view(x.shape)
 
 
 def pack_activation(x: torch.Tensor, gamma: float, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = topk_keep_mask(x, gamma, per_sample)
-    return pack_bits(mask), x.masked_select(mask)
+    """(bitmask, kept values in row-major order). The values are gathered with the sorted
+    top-k indices, not masked_select: a known output size means no host sync per layer."""
+    rows, idx = _topk_rows(x, gamma, per_sample)
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=x.device)
+    mask.scatter_(1, idx, True)
+    return pack_bits(mask), rows.gather(1, idx).reshape(-1)
 
 
 def unpack_activation(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
