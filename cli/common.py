@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 
-import click
 from rich.console import Console
 
 from fedmef_toolkit.errors import UserError
@@ -29,7 +28,3 @@ def user_errors(fn):
             sys.exit(130)
 
     return wrapper
-
-
-def fail(message: str) -> None:
-    raise click.exceptions.Exit(2) from UserError(message)

@@ -1,5 +1,4 @@
 import json
-import math
 import random
 import re
 import struct
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_recipe
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fedmef_toolkit.errors import UserError
 from fedmef_toolkit.export.api import export_model, load_model, load_sparse

@@ -37,3 +37,12 @@ def test_registry_errors():
     assert {"resnet18", "mobilenetv2"} <= set(list_models())
     with pytest.raises(KeyError, match="unknown model"):
         get_model("vgg99")
+
+
+def test_register_model_extends_the_registry():
+    from fedmef_toolkit.models import register_model
+    from fedmef_toolkit.models.cnn import CNN4
+
+    register_model("tiny_test_net", CNN4)
+    assert "tiny_test_net" in list_models()
+    assert get_model("tiny_test_net", 3, width=0.25)(torch.randn(2, 3, 8, 8)).shape == (2, 3)

@@ -195,3 +195,13 @@ def test_training_run_with_sap_writes_memory_report(tmp_path):
     p = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "report", str(run), "--json"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and '"fedmef-memory/1"' in p.stdout
+
+
+def test_disable_sap_restores_plain_layers():
+    from fedmef_toolkit.layers import ScaledReLU
+    from fedmef_toolkit.sap import disable_sap
+
+    model = enable_sap(get_model("cnn4", 10, norm="nsconv", width=0.25), 0.9)
+    disable_sap(model)
+    assert all(getattr(m, "sap", None) is None for m in model.modules())
+    assert not any(m.save_mask for m in model.modules() if isinstance(m, ScaledReLU))

@@ -17,10 +17,6 @@ from ..errors import UserError
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
 
 
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
 def iter_files(root: Path, wanted=lambda rel: True) -> Iterator[tuple[str, bytes]]:
     """Yield (relative path, content) for files whose relative path passes `wanted`."""
     if not root.exists():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -181,7 +180,3 @@ def read_cifar10(root: Path, download: bool = False) -> dict:
     meta = folder / "batches.meta"
     out["classes"] = list(_load_cifar_batch(meta)["label_names"]) if meta.exists() else [str(i) for i in range(10)]
     return out
-
-
-def class_histogram(labels: torch.Tensor) -> dict[int, int]:
-    return dict(sorted(Counter(labels.tolist()).items()))

@@ -25,11 +25,6 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A dense state dict from a dense or sparse safetensors file."""
-    return read_model_file(path)[0]
-
-
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(dense state dict, architecture description or None) of a model file we can read."""
     from ..architecture import parse_description

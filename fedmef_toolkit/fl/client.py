@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -171,7 +170,3 @@ def client_generator(seed: int, round_idx: int, cid: int, device: torch.device) 
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
     gen.manual_seed((seed * 1_000_003 + round_idx * 10_007 + cid) % (2**63 - 1))
     return gen
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

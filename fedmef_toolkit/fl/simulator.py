@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +52,6 @@ def load_init_weights(model: nn.Module, state: dict, path: str) -> None:
         what = f"missing {missing[:3]}" if missing else f"shape mismatch for {bad[:3]}"
         raise UserError(f"model.init does not fit model '{model.__class__.__name__}': {what}", path)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    metrics: dict
 
 
 class Simulator:
