@@ -50,7 +50,9 @@ def train(recipe_name, overrides, resume_dir, no_progress):
     else:
         sim.write_run_files()
     if recipe.output.memory_report and resume_dir is None:
-        _memory_report(sim)
+        from fedmef_toolkit.memory.report import write_report_for_simulator
+
+        write_report_for_simulator(sim, quiet=True)
     rows = sim.run()
     from fedmef_toolkit.plots import write_accuracy_curves
 
@@ -62,10 +64,3 @@ def train(recipe_name, overrides, resume_dir, no_progress):
     else:
         console.print(f"nothing left to train; run dir: {run_dir}", highlight=False)
 
-
-def _memory_report(sim) -> None:
-    try:
-        from fedmef_toolkit.memory.report import write_report_for_simulator
-    except ImportError:
-        return
-    write_report_for_simulator(sim, quiet=True)

@@ -13,8 +13,8 @@ from .. import __version__
 from ..architecture import build_from_description, parse_description
 from ..errors import UserError, brief
 from ..sparse.masks import MASK_SUFFIX
-from .io import read_safetensors
-from .sparse_format import DTYPES, FORMAT, VERSION, decode, pack_state
+from .io import read_metadata, read_safetensors
+from .sparse_format import DTYPES, FORMAT, VERSION, densify, pack_state
 
 FORMATS = ("sparse-safetensors", "safetensors")
 
@@ -37,7 +37,7 @@ def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         model_meta = {}
         mfile = run_dir / "model.safetensors"
         if mfile.exists():
-            model_meta = read_safetensors(mfile)[1]
+            model_meta = read_metadata(mfile)
         meta = {**model_meta, **meta}
         state_file = run_dir / "checkpoint.json"
         if state_file.exists():
@@ -84,12 +84,7 @@ def load_sparse(path: str | Path, as_sparse: bool = False) -> dict[str, torch.Te
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         return tensors
-    try:
-        return decode(tensors, meta, str(path), as_sparse=as_sparse)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"invalid sparse file: {brief(exc)}", str(path)) from None
+    return densify(tensors, meta, str(path), as_sparse=as_sparse)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -113,11 +108,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
 
 def inspect_file(path: str | Path) -> dict:
-    """Per-tensor layout, shape, density and bytes, plus the metadata."""
+    """Per-tensor layout, shape, density and bytes, plus the metadata. A sparse file is
+    fully validated first, so a damaged one is reported rather than listed."""
     tensors, meta = read_safetensors(path)
     rows = []
     if meta.get("format") == FORMAT:
-        layout = json.loads(meta.get("layout", "{}"))
+        densify(tensors, meta, str(path))
+        layout = json.loads(meta["layout"])
         for name, info in layout.items():
             parts = [f"{name}.{p}" for p in ("values", "col_indices", "crow_indices")] if info["layout"] == "csr" else [name]
             nbytes = sum(tensors[p].numel() * tensors[p].element_size() for p in parts if p in tensors)

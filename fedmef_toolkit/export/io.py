@@ -25,6 +25,17 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"not a valid safetensors file ({brief(exc, 200)})", str(path)) from None
+
+
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(dense state dict, architecture description or None) of a model file we can read."""
     from ..architecture import parse_description

@@ -191,9 +191,10 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict, source: str, as_sparse:
     return out
 
 
-def densify(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> dict:
+def densify(tensors: dict[str, torch.Tensor], meta: dict, source: str, as_sparse: bool = False) -> dict:
+    """decode(), with anything a hostile file could still provoke turned into a UserError."""
     try:
-        return decode(tensors, meta, source)
+        return decode(tensors, meta, source, as_sparse)
     except UserError:
         raise
     except Exception as exc:  # anything a hostile file could still provoke

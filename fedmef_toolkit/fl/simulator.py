@@ -122,10 +122,7 @@ class Simulator:
         model_state, strat, state = load_checkpoint(self.run_dir)
         if state.get("recipe_digest") != self.recipe.digest():
             raise UserError("checkpoint was written by a different recipe; refusing to mix them", str(self.run_dir))
-        self.model.load_state_dict(model_state, strict=False)
-        for name, mask in {k[:-len(".weight_mask")]: v for k, v in model_state.items()
-                           if k.endswith("weight_mask")}.items():
-            dict(self.model.named_modules())[name].weight_mask.copy_(mask)
+        self.model.load_state_dict(model_state, strict=False)  # masks are buffers: loaded too
         self.strategy.load_state_tensors(strat)
         self.start_round = int(state["round"])
         self.totals = state["totals"]

@@ -16,11 +16,16 @@ import torch.nn as nn
 
 from ...sparse.adjust import prune_and_grow, smallest_active, sum_messages, topk_message
 from ...sparse.masks import get_masks, prunable_modules
-from ...sparse.schedules import (adjustment_fraction, bae_step_size, is_adjustment_round, is_extrusion_round,
-                                 next_adjustment_round, swap_count)
+from ...sparse.schedules import (adjustment_fraction, bae_step_size, is_extrusion_round, next_adjustment_round,
+                                 swap_count)
 from ..comm import mask_bytes
 from ..plan import ClientPlan
 from .sparse import StaticSparse
+
+
+def masked_sq_norm(pairs) -> torch.Tensor:
+    """sum over (weight, mask) pairs of ||weight * mask||^2: ||theta_low||^2."""
+    return sum(((w * m) ** 2).sum() for w, m in pairs)
 
 
 class GrowthPlan(ClientPlan):
@@ -55,10 +60,10 @@ class BaEPlan(GrowthPlan):
     def low_norm(self, order: str = "l2") -> torch.Tensor:
         if order == "l1":
             return sum((w * m).abs().sum() for w, m in self.pairs)
-        return torch.sqrt(sum(((w * m) ** 2).sum() for w, m in self.pairs))
+        return torch.sqrt(masked_sq_norm(self.pairs))
 
     def extra_loss(self, model):
-        sq = sum(((w * m) ** 2).sum() for w, m in self.pairs)
+        sq = masked_sq_norm(self.pairs)
         return self.bae.lam * (sq if self.bae.penalty == "l2sq" else torch.sqrt(sq + 1e-24))
 
     def step_lr(self, step, model):
@@ -75,14 +80,28 @@ class FedMef(StaticSparse):
         super().__init__(recipe)
         self.low: dict[str, torch.Tensor] = {}  # theta_low of the coming adjustment, once computed
         self.low_round: int | None = None  # the adjustment round it belongs to
+        self.request: dict | None = None  # this round's growth request, shared by its clients
+
+    @property
+    def window(self) -> int:
+        """Rounds ending with an adjustment round in which theta_low is known to clients."""
+        bae = self.recipe.method.bae
+        return bae.rounds if bae.enabled else 1
+
+    def _sends_low(self, t: int) -> bool:
+        return self.low_round is not None and 0 <= self.low_round - t < self.window
+
+    def _extruding(self, t: int) -> bool:
+        return self.recipe.method.bae.enabled and self._sends_low(t)
 
     # -- server -> client ---------------------------------------------------
     def _prepare_low(self, t: int, model: nn.Module) -> None:
         """Compute theta_low when a window ending in an adjustment round starts."""
         sp = self.recipe.method.sparsity
-        window = self.recipe.method.bae.rounds if self.recipe.method.bae.enabled else 1
+        if not is_extrusion_round(t, sp.delta_t, sp.t_end, self.window):
+            return
         target = next_adjustment_round(t, sp.delta_t, sp.t_end)
-        if target is None or target - t >= window or self.low_round == target:
+        if self.low_round == target:
             return
         frac = adjustment_fraction(target, sp.alpha, sp.t_end)
         mods = prunable_modules(model)
@@ -96,38 +115,33 @@ class FedMef(StaticSparse):
 
     def begin_round(self, t: int, model: nn.Module) -> dict:
         self._prepare_low(t, model)
-        if self.low_round is not None and self.recipe.method.bae.enabled and self.low_round - t < self.recipe.method.bae.rounds:
-            return {"low_norm_start": self._low_norm(model)}
-        return {}
+        self.request = None
+        if self.low_round == t:  # adjustment round: clients send top-k_l among the post-prune inactive entries
+            masks = get_masks(model)
+            self.request = {n: (int(low.sum()), ~masks[n] | low) for n, low in self.low.items()}
+        return {"low_norm_start": self._low_norm(model)} if self._extruding(t) else {}
 
     @torch.no_grad()
     def _low_norm(self, model) -> float:
         mods = prunable_modules(model)
-        return float(torch.sqrt(sum(((mods[n].weight * m) ** 2).sum() for n, m in self.low.items())))
+        return float(torch.sqrt(masked_sq_norm((mods[n].weight, m) for n, m in self.low.items())))
 
     def client_plan(self, t, lr, model):
-        sp, bae = self.recipe.method.sparsity, self.recipe.method.bae
-        request = None
-        if is_adjustment_round(t, sp.delta_t, sp.t_end) and self.low_round == t:
-            masks = get_masks(model)
-            request = {n: (int(low.sum()), ~masks[n] | low) for n, low in self.low.items()}
-        full = sp.grow_grad == "full"
-        if bae.enabled and self.low_round is not None and is_extrusion_round(t, sp.delta_t, sp.t_end, bae.rounds):
+        full = self.recipe.method.sparsity.grow_grad == "full"
+        if self._extruding(t):
+            bae = self.recipe.method.bae
             offset = bae.rounds - 1 - (self.low_round - t)
-            return BaEPlan(lr, request, full, self.low, bae, self.recipe.fl.lr, offset)
-        return GrowthPlan(lr, request, full)
+            return BaEPlan(lr, self.request, full, self.low, bae, self.recipe.fl.lr, offset)
+        return GrowthPlan(lr, self.request, full)
 
     def download_bytes(self, model, t):
-        extra = sum(mask_bytes(m) for m in self.low.values()) if self.low_round is not None and self.low_round - t < max(1, self.recipe.method.bae.rounds) else 0
+        extra = sum(mask_bytes(m) for m in self.low.values()) if self._sends_low(t) else 0
         return super().download_bytes(model, t) + extra
 
     # -- server -------------------------------------------------------------
     def end_round(self, t, model, results, evaluate):
-        sp = self.recipe.method.sparsity
-        logs = {}
-        if self.low_round is not None and self.recipe.method.bae.enabled and self.low_round - t < self.recipe.method.bae.rounds:
-            logs["low_norm_end"] = self._low_norm(model)
-        if not (is_adjustment_round(t, sp.delta_t, sp.t_end) and self.low_round == t):
+        logs = {"low_norm_end": self._low_norm(model)} if self._extruding(t) else {}
+        if self.low_round != t:  # theta_low always belongs to an adjustment round
             return logs
         acc_before, _ = evaluate(model)
         total_w = float(sum(r.num_samples for r in results))
@@ -146,7 +160,7 @@ class FedMef(StaticSparse):
         acc_after, _ = evaluate(model)
         logs.update({"adjusted": True, "swapped": swapped, "acc_before_adjust": acc_before,
                      "acc_after_adjust": acc_after})
-        self.low, self.low_round = {}, None
+        self.low, self.low_round, self.request = {}, None, None
         return logs
 
     # -- checkpointing ------------------------------------------------------
