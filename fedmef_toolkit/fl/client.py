@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..sparse.masks import prunable_modules
+from .graphs import GraphedForward
 from .plan import ClientPlan
 
 
@@ -40,18 +41,39 @@ class ClientTrainer:
     """Runs E local epochs of SGD for one client; the same code for every method."""
 
     def __init__(self, train_x, train_y, augment, *, epochs: int, batch_size: int, momentum: float,
-                 weight_decay: float, precision: str = "fp32"):
+                 weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True):
         self.train_x, self.train_y = train_x, train_y
         self.augment = augment
         self.epochs, self.batch_size = epochs, batch_size
         self.momentum, self.weight_decay = momentum, weight_decay
         self.precision = precision
+        self.cuda_graphs = cuda_graphs and train_x.is_cuda
+        self.graphed: GraphedForward | None = None
 
     def autocast(self):
         dev = self.train_x.device.type
         if self.precision == "bf16" and dev == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            # no weight-cast cache: CUDA graph capture does not support it, and each
+            # weight is used once per forward, so the cache would save nothing
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
+
+    def forward_for(self, model: nn.Module):
+        """The training forward: replayed from a CUDA graph where it can be (see graphs.py)."""
+        if not self.cuda_graphs:
+            return model
+        if self.graphed is None or self.graphed.model is not model:
+            self.graphed = GraphedForward(model, self.batch_size)
+        return self.graphed
+
+    def graph_status(self) -> str:
+        """One line for the run log: whether client steps were replayed from CUDA graphs."""
+        g = self.graphed
+        if not self.cuda_graphs or g is None:
+            return "CUDA graphs: off"
+        if g.refused:
+            return f"CUDA graphs: off ({g.refused})"
+        return f"CUDA graphs: on ({g.replays} steps replayed, {g.eager_calls} eager: short batches, gradient passes)"
 
     def steps_per_epoch(self, n: int) -> int:
         # A trailing batch of one sample is dropped: BatchNorm cannot train on it.
@@ -78,6 +100,7 @@ class ClientTrainer:
 
     def train(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator) -> ClientResult:
         model.train()
+        forward = self.forward_for(model)
         opt = self._optimizer(model, plan.lr)
         # Mask buffers are only ever changed in place (plans copy_ into them), so the
         # (weight, mask) pairs can be collected once per client.
@@ -93,7 +116,7 @@ class ClientTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             with self.autocast():
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(forward(x), y)
             extra = plan.extra_loss(model)
             total_loss = loss if extra is None else loss + extra
             opt.zero_grad(set_to_none=True)

@@ -80,7 +80,8 @@ class Simulator:
         fl = recipe.fl
         self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
                                      batch_size=fl.batch_size, momentum=fl.momentum,
-                                     weight_decay=fl.weight_decay, precision=recipe.precision)
+                                     weight_decay=fl.weight_decay, precision=recipe.precision,
+                                     cuda_graphs=recipe.cuda_graphs)
         self.engine = ENGINES[fl.engine](self.trainer, recipe.seed)
         self.start_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
@@ -213,6 +214,8 @@ class Simulator:
                     rows.append(row)
                     last_acc = row.get("eval_acc", last_acc)
                     progress.update(row)
+                    if t == self.start_round + 1 and self.device.type == "cuda" and self.console is not None:
+                        self.console.print(self.trainer.graph_status(), highlight=False)
                     if t % out.checkpoint_every == 0 or t == fl.rounds:
                         self.checkpoint(t)
             except KeyboardInterrupt:

@@ -24,8 +24,8 @@ class SAPConfig:
     per_sample: bool = True
 
 
-def _autocast_dtype(t: torch.Tensor):
-    dev = t.device.type
+def autocast_dtype(dev: str):
+    """The autocast dtype active for device type `dev`, or None."""
     try:
         if torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
@@ -38,7 +38,7 @@ def _autocast_dtype(t: torch.Tensor):
 def _cast_for_autocast(x, weight, bias):
     """Inputs in the autocast dtype (if autocast is on) and the dtypes the grads must have."""
     in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

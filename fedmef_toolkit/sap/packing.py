@@ -7,6 +7,7 @@ int32 indices would cost q*(b+4) and save nothing at q=0.5.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -41,6 +42,19 @@ def keep_count(per_row: int, gamma: float) -> int:
 
 
 SORTED_GATHER_MAX_KEEP = 0.25
+_sync_free = False
+
+
+@contextlib.contextmanager
+def sync_free_packing():
+    """Within this block every keep fraction packs without a host sync (sorted gather, no
+    masked_select), as a CUDA graph capture requires; graphs keep the choice baked in."""
+    global _sync_free
+    previous, _sync_free = _sync_free, True
+    try:
+        yield
+    finally:
+        _sync_free = previous
 
 
 def _topk_rows(x: torch.Tensor, gamma: float, per_sample: bool, ascending: bool = False):
@@ -67,9 +81,10 @@ def pack_activation(x: torch.Tensor, gamma: float, per_sample: bool) -> tuple[to
     the output size is known, so there is no host sync per layer, and the sort's
     temporaries (about 24 bytes per kept entry) stay small. For large keep fractions
     those temporaries would raise the step's peak memory (measured: +52 MiB on
-    ResNet18 at gamma 0.5), so masked_select is used there instead.
+    ResNet18 at gamma 0.5), so masked_select is used there instead, except inside
+    `sync_free_packing` (CUDA graph capture), where a host sync is not allowed.
     """
-    if 1.0 - gamma > SORTED_GATHER_MAX_KEEP:
+    if 1.0 - gamma > SORTED_GATHER_MAX_KEEP and not _sync_free:
         mask = topk_keep_mask(x, gamma, per_sample)
         return pack_bits(mask), x.masked_select(mask)
     rows, idx = _topk_rows(x, gamma, per_sample, ascending=True)
