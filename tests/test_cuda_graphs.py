@@ -62,29 +62,36 @@ def train(trainer, model, plan_cls=ClientPlan):
 @cuda
 @pytest.mark.parametrize("arch,norm,density,gamma,precision", [
     ("cnn4", "bn", 1.0, None, "fp32"),          # BN running statistics in the graph
-    ("cnn4", "nsconv", 0.3, 0.5, "fp32"),       # NSConv + SAP at gamma 0.5 (sync-free packing)
+    ("cnn4", "nsconv", 0.3, 0.5, "fp32"),       # NSConv + SAP at gamma 0.5
     ("resnet18", "nsconv", 0.1, 0.9, "fp32"),
-    ("mobilenetv2", "bn", 0.1, 0.9, "bf16"),    # SAP on plain convs, masked ReLU6, autocast
+    ("mobilenetv2", "bn", 0.1, 0.9, "fp32"),    # SAP on plain convs, masked ReLU6
+    ("cnn4", "bn", 1.0, None, "bf16"),
+    ("mobilenetv2", "bn", 0.1, 0.9, "bf16"),
 ])
 def test_graphed_training_matches_eager(arch, norm, density, gamma, precision):
+    """Graphed training ends where eager training ends, as closely as two eager runs do
+    (cuDNN may pick nondeterministic kernels) or within float tolerance."""
     dev = torch.device("cuda")
-    states = {}
-    for graphs in (False, True):
+    states = []
+    for graphs in (False, False, True):
         trainer = make_trainer(dev, graphs, precision=precision)
         model = make_model(arch, norm, density, gamma, dev)
-        result = train(trainer, model)
-        states[graphs] = result.state
+        states.append(train(trainer, model).state)
         if graphs:
             g = trainer.graphed
             assert g.refused is None, g.refused
             # 44 samples at batch 8: 5 full batches (replayed) and one of 4 (eager) per epoch
             assert (g.replays, g.eager_calls) == (10, 2)
+    eager, eager_again, graphed = states
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
-    for k, v in states[False].items():
-        if v.is_floating_point():
-            torch.testing.assert_close(states[True][k], v, **tol, msg=f"{k} differs")
-        else:
-            assert torch.equal(states[True][k], v), k
+    for k, v in eager.items():
+        if not v.is_floating_point():
+            assert torch.equal(graphed[k], v), k
+            continue
+        noise = (eager_again[k].float() - v.float()).abs().max().item()
+        diff = (graphed[k].float() - v.float()).abs().max().item()
+        if diff > 2 * noise:
+            torch.testing.assert_close(graphed[k], v, **tol, msg=f"{k}: graphed-eager {diff:.3g}, eager-eager {noise:.3g}")
 
 
 @cuda

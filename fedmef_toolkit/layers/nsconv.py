@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import use_triton
+
 
 def _stats(w2, m2, stats, unbiased, eps):
     """Centered weight c, per-channel 1/sqrt(max(n var, eps)) r, the variance factor f
@@ -56,12 +58,21 @@ class _Standardize(torch.autograd.Function):
     def forward(ctx, weight, gain, mask, stats, unbiased, eps):
         ctx.save_for_backward(weight, gain, mask)
         ctx.conf = (stats, unbiased, eps)
+        if use_triton(weight):  # one fused kernel instead of a dozen small ones
+            from ..kernels.standardize import standardize_forward
+
+            return standardize_forward(weight, gain, mask, stats == "active", unbiased, eps)
         return standardize_weight_reference(weight, gain, mask, stats, unbiased, eps)
 
     @staticmethod
     def backward(ctx, grad):
         weight, gain, mask = ctx.saved_tensors
         stats, unbiased, eps = ctx.conf
+        if use_triton(weight):
+            from ..kernels.standardize import standardize_backward
+
+            dw, dg = standardize_backward(grad, weight, gain, mask, stats == "active", unbiased, eps)
+            return dw, dg, None, None, None, None
         out_ch = weight.shape[0]
         w2 = weight.reshape(out_ch, -1)
         m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)

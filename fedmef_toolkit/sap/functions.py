@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .packing import pack_activation, pack_bits, unpack_activation, unpack_bits
+from ..kernels import use_triton
+from .packing import keep_count, pack_activation, pack_bits, unpack_activation, unpack_bits
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,36 @@ def _cast_for_autocast(x, weight, bias):
 
 
 class _SavedInput:
-    """Packs/unpacks the saved input; gamma == 0 keeps it dense (exactly dense training)."""
+    """Packs/unpacks the saved input; gamma == 0 keeps it dense (exactly dense training).
+
+    Per-sample selection on a GPU runs the fused kernels (kernels/packing.py),
+    otherwise the PyTorch packing; which one packed is remembered for unpacking.
+    """
 
     @staticmethod
     def pack(ctx, x: torch.Tensor, cfg: SAPConfig) -> list[torch.Tensor]:
-        ctx.x_shape, ctx.dense = x.shape, cfg.gamma == 0.0
-        if ctx.dense:
+        ctx.x_shape = x.shape
+        if cfg.gamma == 0.0:
+            ctx.packing = "dense"
             return [x]
+        if cfg.per_sample and use_triton(x):
+            from ..kernels.packing import pack_rows
+
+            ctx.packing = "fused"
+            ctx.keep = keep_count(x[0].numel(), cfg.gamma)
+            return list(pack_rows(x.reshape(x.shape[0], -1), ctx.keep))
+        ctx.packing = "torch"
         return list(pack_activation(x, cfg.gamma, cfg.per_sample))
 
     @staticmethod
     def unpack(ctx, saved) -> torch.Tensor:
-        return saved[0] if ctx.dense else unpack_activation(saved[0], saved[1], ctx.x_shape)
+        if ctx.packing == "dense":
+            return saved[0]
+        if ctx.packing == "fused":
+            from ..kernels.packing import unpack_rows
+
+            return unpack_rows(saved[0], saved[1], ctx.x_shape, ctx.keep)
+        return unpack_activation(saved[0], saved[1], ctx.x_shape)
 
 
 class SAPConv2dFunction(torch.autograd.Function):
@@ -132,15 +151,25 @@ class MaskedReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gain, max_value):
+        ctx.shape, ctx.gain, ctx.fused = x.shape, gain, use_triton(x)
+        if ctx.fused:
+            from ..kernels.packing import masked_relu_forward
+
+            y, bits = masked_relu_forward(x, gain, max_value)
+            ctx.save_for_backward(bits)
+            return y
         y = torch.relu(x) if max_value is None else torch.clamp(x, 0.0, max_value)
         pass_mask = x > 0 if max_value is None else (x > 0) & (x < max_value)
         ctx.save_for_backward(pack_bits(pass_mask))
-        ctx.shape, ctx.gain = x.shape, gain
         return y * gain if gain != 1.0 else y
 
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
+        if ctx.fused:
+            from ..kernels.packing import masked_relu_backward
+
+            return masked_relu_backward(gy, bits, ctx.gain), None, None
         mask = unpack_bits(bits, gy.numel()).view(ctx.shape)
         g = gy * mask
         return (g * ctx.gain if ctx.gain != 1.0 else g), None, None

@@ -1,0 +1,43 @@
+"""Fused GPU kernels (Triton) for the per-layer work NSConv and SAP add to a step.
+
+Each kernel replaces a chain of small PyTorch ops (a dozen to sixty per
+layer and step) that computes the same thing; at federated batch sizes
+those chains, not the convolutions, set the step time. The PyTorch versions
+stay as the reference and as the path everywhere these kernels do not run:
+on the CPU, without Triton, or with FEDMEF_KERNELS=torch in the environment.
+
+Tests run every kernel against its reference on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1) and on a GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means: use the PyTorch path
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the fused kernels run for tensor `t` (checked per call: cheap). They
+    compute in fp32, so float64 tensors (gradient checks) take the PyTorch path."""
+    if t.dtype not in _KERNEL_DTYPES or os.environ.get("FEDMEF_KERNELS", "triton") == "torch":
+        return False
+    return (t.is_cuda or interpreting()) and _triton_importable()

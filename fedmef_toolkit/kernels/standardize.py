@@ -1,0 +1,173 @@
+"""NSConv weight standardisation, forward and backward, one kernel each.
+
+One program per output channel walks its fan-in in blocks (a few passes over
+a row that stays in cache) and computes exactly what
+`layers.nsconv.standardize_weight_reference` and `_Standardize.backward`
+compute: mean and variance over the active (or all) entries, the eps floor,
+the unbiased factor, gain and mask. Statistics are accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """(n, mu): the count the statistics are over and the mean of w (times m) over it."""
+    offs = tl.arange(0, BLOCK)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    acc_all = tl.zeros([BLOCK], tl.float32)
+    acc_w = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        w = tl.load(w_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            m = tl.load(m_ptr + base + idx, mask=inb, other=0).to(tl.float32)
+        else:
+            m = inb.to(tl.float32)
+        acc_n += m
+        acc_all += inb.to(tl.float32)
+        acc_w += w * m
+    if ACTIVE:
+        n = tl.sum(acc_n, axis=0)
+    else:
+        n = tl.sum(acc_all, axis=0)
+    mu = tl.sum(acc_w, axis=0) / tl.maximum(n, 1.0)
+    return n, mu
+
+
+@triton.jit
+def _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr):
+    """c = (w - mu) * m with active statistics, w * m - mu over all entries; 0 outside the row."""
+    w = tl.load(w_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        m = tl.load(m_ptr + base + idx, mask=inb, other=0).to(tl.float32)
+    else:
+        m = inb.to(tl.float32)
+    if ACTIVE:
+        c = (w - mu) * m
+    else:
+        c = (w * m - mu) * inb.to(tl.float32)
+    return c, m
+
+
+@triton.jit
+def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps,
+                     HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * fan_in
+    offs = tl.arange(0, BLOCK)
+    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
+    acc_s = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        c, m = _centered(w_ptr, m_ptr, base, idx, idx < fan_in, mu, HAS_MASK, ACTIVE)
+        acc_s += c * c
+    s = tl.sum(acc_s, axis=0)
+    if UNBIASED:
+        s = s * (n / tl.maximum(n - 1.0, 1.0))
+    scale = tl.load(g_ptr + row).to(tl.float32) / tl.sqrt(tl.maximum(s, eps))
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+        out = c * scale
+        if HAS_MASK and not ACTIVE:
+            out = out * m
+        tl.store(out_ptr + base + idx, out, mask=inb)
+
+
+@triton.jit
+def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
+                     HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * fan_in
+    offs = tl.arange(0, BLOCK)
+    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
+    acc_s = tl.zeros([BLOCK], tl.float32)
+    acc_gc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_MASK and not ACTIVE:
+            gy = gy * m
+        acc_s += c * c
+        acc_gc += gy * c
+    f = 1.0
+    s = tl.sum(acc_s, axis=0)
+    if UNBIASED:
+        f = n / tl.maximum(n - 1.0, 1.0)
+        s = s * f
+    r = 1.0 / tl.sqrt(tl.maximum(s, eps))
+    gc = tl.sum(acc_gc, axis=0)
+    tl.store(dg_ptr + row, gc * r)
+    gain = tl.load(g_ptr + row).to(tl.float32)
+    # d r / d c_j = -f r^3 c_j, zero where the eps floor holds r constant
+    k = tl.where(s <= eps, 0.0, f * r * r * r * gain * gc)
+    acc_dc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_MASK and not ACTIVE:
+            gy = gy * m
+        dc = gain * gy * r - k * c
+        if HAS_MASK and ACTIVE:
+            dc = dc * m
+        acc_dc += dc
+    mean_dc = tl.sum(acc_dc, axis=0) / tl.maximum(n, 1.0)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_MASK and not ACTIVE:
+            gy = gy * m
+        dw = gain * gy * r - k * c
+        if HAS_MASK and ACTIVE:
+            dw = (dw * m - mean_dc) * m
+        elif HAS_MASK:
+            dw = (dw - mean_dc) * m
+        else:
+            dw = dw - mean_dc
+        tl.store(dw_ptr + base + idx, dw, mask=inb)
+
+
+def _rows(weight: torch.Tensor, mask: torch.Tensor | None):
+    out_ch = weight.shape[0]
+    w2 = weight.reshape(out_ch, -1).contiguous()
+    m2 = None
+    if mask is not None:
+        m2 = mask.reshape(out_ch, -1).contiguous()
+        if m2.dtype == torch.bool:
+            m2 = m2.view(torch.uint8)
+    fan_in = w2.shape[1]
+    return w2, m2, fan_in, min(1024, triton.next_power_of_2(max(fan_in, 16)))
+
+
+def standardize_forward(weight, gain, mask, active: bool, unbiased: bool, eps: float) -> torch.Tensor:
+    w2, m2, fan_in, block = _rows(weight, mask)
+    out = torch.empty_like(w2)
+    _standardize_fwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, out, fan_in, eps,
+                                     HAS_MASK=m2 is not None, ACTIVE=active or m2 is None, UNBIASED=unbiased,
+                                     BLOCK=block)
+    return out.view_as(weight)
+
+
+def standardize_backward(grad, weight, gain, mask, active: bool, unbiased: bool, eps: float):
+    """(dL/dweight, dL/dgain) given dL/dw_hat."""
+    w2, m2, fan_in, block = _rows(weight, mask)
+    gy = grad.reshape(w2.shape).contiguous()
+    dw = torch.empty_like(w2)
+    dg = torch.empty(w2.shape[0], dtype=torch.float32, device=w2.device)
+    _standardize_bwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, gy, dw, dg, fan_in, eps,
+                                     HAS_MASK=m2 is not None, ACTIVE=active or m2 is None, UNBIASED=unbiased,
+                                     BLOCK=block)
+    return dw.view_as(weight), dg.to(gain.dtype)

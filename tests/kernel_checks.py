@@ -1,0 +1,130 @@
+"""The fused kernels against their PyTorch references, on one device.
+
+Run by tests/test_kernels.py: on the CPU in a subprocess under Triton's
+interpreter (TRITON_INTERPRET=1 must be set before the kernels are
+imported), and directly on a GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from fedmef_toolkit.kernels.packing import masked_relu_backward, masked_relu_forward, pack_rows, unpack_rows
+from fedmef_toolkit.kernels.standardize import standardize_backward, standardize_forward
+from fedmef_toolkit.layers.nsconv import standardize_weight_reference
+from fedmef_toolkit.sap.packing import keep_count, pack_bits, topk_keep_mask
+
+
+def check_standardize(dev):
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(8, 3, 3, 3), (6, 40, 3, 3), (4, 1100), (5, 2)]:  # 1100: more than one block per row
+        for stats in ("active", "all"):
+            for unbiased in (False, True):
+                for masked in (True, False):
+                    w = torch.randn(shape, generator=gen).to(dev).requires_grad_()
+                    g = (torch.rand(shape[0], generator=gen) + 0.5).to(dev).requires_grad_()
+                    m = None
+                    if masked:
+                        m = (torch.rand(shape, generator=gen) < 0.3).float()
+                        m[0] = 0  # a channel without active entries: w_hat = 0
+                        m[1] = 0
+                        m[1].view(-1)[0] = 1  # one active entry: the eps floor
+                        m = m.to(dev)
+                    ref = standardize_weight_reference(w, g, m, stats, unbiased, 1e-4)
+                    out = standardize_forward(w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4)
+                    what = f"{shape} {stats} unbiased={unbiased} masked={masked}"
+                    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6, msg=what)
+                    gy = torch.randn(shape, generator=gen).to(dev)
+                    dw_ref, dg_ref = torch.autograd.grad(ref, (w, g), gy)
+                    dw, dg = standardize_backward(gy, w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4)
+                    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5, msg=what)
+                    torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=1e-5, msg=what)
+
+
+def check_pack_rows(dev):
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, gamma in [(3000, 0.9), (3000, 0.5), (37, 0.5), (4096, 0.0001)]:
+            x = torch.randn(5, n, generator=gen).relu().to(dev, dtype)  # many zeros: ties at t = 0
+            k = keep_count(n, gamma)
+            bits, vals = pack_rows(x, k)
+            assert vals.numel() == 5 * k and bits.shape == (5, (n + 7) // 8)
+            out = unpack_rows(bits, vals, x.shape, k)
+            ref = x * topk_keep_mask(x, gamma, per_sample=True)
+            # ties may pick other entries than topk, but only entries equal in |x|: the kept
+            # values, and so the pruned tensor, are the same wherever the tied value is 0
+            kept = out != 0
+            assert torch.equal(out[kept], x[kept]), (n, gamma, dtype)
+            assert torch.equal(out.float().abs().sort(dim=1).values, ref.float().abs().sort(dim=1).values)
+    # ties at a nonzero threshold: exactly k kept, all larger ones kept, the first ties in row order
+    x = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.5, 2.0, 2.0, 4.0, 2.0]], device=dev)
+    bits, vals = pack_rows(x, 4)
+    out = unpack_rows(bits, vals, x.shape, 4)
+    assert out.tolist() == [[0.0, 3.0, 2.0, 2.0, 0.0, 0.0, 0.0, 4.0, 0.0]], out.tolist()
+    assert vals.tolist() == [3.0, 2.0, 2.0, 4.0]
+
+
+def same_values(a, b, dev):
+    """Bitwise on a GPU. Triton's CPU interpreter truncates fp32 -> bf16 instead of
+    rounding to nearest (its own limitation): one bf16 unit there."""
+    if dev.type == "cuda" or a.dtype != torch.bfloat16:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=2.0 ** -7, atol=0.0)
+
+
+def check_masked_relu(dev):
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for numel, gain, max_value in [(1000, 1.0, None), (4099, 1.7129, None), (77, 1.0, 6.0)]:
+            x = (torch.randn(numel, generator=gen) * 4).to(dev, dtype)
+            x[:5] = torch.tensor([0.0, 6.0, -0.0, 5.99, 6.01], dtype=dtype)
+            y, bits = masked_relu_forward(x, gain, max_value)
+            ref = (torch.relu(x) if max_value is None else torch.clamp(x, 0.0, max_value))
+            ref = ref * gain if gain != 1.0 else ref
+            assert same_values(y, ref, dev), (numel, gain, max_value, dtype)
+            passes = (x > 0) if max_value is None else (x > 0) & (x < max_value)
+            assert torch.equal(bits, pack_bits(passes))
+            gy = torch.randn(numel, generator=gen).to(dev, dtype)
+            g = gy * passes
+            assert same_values(masked_relu_backward(gy, bits, gain), g * gain if gain != 1.0 else g, dev)
+
+
+def check_sap_layers_against_the_pytorch_path(dev):
+    """A masked NSConv -> SAP conv -> masked ReLU -> SAP linear chain: the gradients with
+    the fused kernels equal those of the PyTorch implementation."""
+    from fedmef_toolkit.layers.nsconv import NSConv2d
+    from fedmef_toolkit.sap.functions import SAPConfig, masked_relu, sap_linear
+
+    torch.manual_seed(3)
+    conv = NSConv2d(3, 8, 3, padding=1).to(dev)
+    conv.register_buffer("weight_mask", (torch.rand_like(conv.weight) < 0.5).float())
+    fc = torch.nn.Linear(8 * 6 * 6, 5).to(dev)
+    x = torch.randn(4, 3, 6, 6, device=dev)
+    for gamma in (0.5, 0.9):
+        conv.sap = SAPConfig(gamma)
+        grads = {}
+        for kernels in ("triton", "torch"):
+            os.environ["FEDMEF_KERNELS"] = kernels
+            conv.zero_grad(set_to_none=True)
+            fc.zero_grad(set_to_none=True)
+            h = masked_relu(conv(x), 1.7129)
+            sap_linear(h.flatten(1), fc.weight, fc.bias, SAPConfig(gamma)).square().sum().backward()
+            grads[kernels] = [p.grad.clone() for p in (conv.weight, conv.gain, conv.bias, fc.weight, fc.bias)]
+        os.environ.pop("FEDMEF_KERNELS")
+        for a, b in zip(grads["triton"], grads["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def run_all(dev: str) -> None:
+    check_standardize(torch.device(dev))
+    check_pack_rows(torch.device(dev))
+    check_masked_relu(torch.device(dev))
+    check_sap_layers_against_the_pytorch_path(torch.device(dev))
+
+
+if __name__ == "__main__":
+    run_all(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("kernel checks passed")

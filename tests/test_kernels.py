@@ -1,0 +1,38 @@
+"""The fused Triton kernels give what their PyTorch references give.
+
+On the CPU the checks run under Triton's interpreter in a subprocess (the
+interpreter must be chosen before any kernel is defined); on a GPU they run
+directly (CI has none: the device machine runs them, see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmef_toolkit.kernels import _triton_importable
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed: the fused kernels are never used")
+def test_kernels_match_reference_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("FEDMEF_KERNELS", None)
+    proc = subprocess.run([sys.executable, str(HERE / "kernel_checks.py"), "cpu"], env=env, cwd=HERE,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "kernel checks passed" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
+def test_kernels_match_reference_on_the_gpu():
+    sys.path.insert(0, str(HERE))
+    import kernel_checks
+
+    kernel_checks.run_all("cuda")
