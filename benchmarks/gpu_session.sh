@@ -4,6 +4,7 @@
 #   PHASE=1: simulator throughput (fp32, bf16) and the step table in one process
 #   PHASE=2: step diagnostics, then every accuracy experiment (issues 3, 4, 5) at once
 #   PHASE=3: step table + SAP accuracy runs;  PHASE=4: step table, one process per config
+#   PHASE=7: GPU tests, step table, profile (final check)
 #   PHASE=6: fused kernels vs PyTorch ops, graphed and eager
 #   PHASE=5: CUDA graphs: GPU tests, step table eager vs graphed, profile, simulator graphs on/off
 set -u
@@ -35,7 +36,14 @@ sap_runs() {  # SAP gamma 0.5 and 0.9 (gamma 0 is the BaE run), in the backgroun
   done
 }
 
-if [ "$PHASE" = 6 ]; then
+if [ "$PHASE" = 7 ]; then
+  # PHASE=7: final check: GPU tests, step table, profile
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_graphs.py tests/test_sap.py tests/test_nsconv.py 2>&1 \
+    | grep -E "passed|failed|Error|assert|differs|SKIPPED" | head -40 | tee "$OUT/tests.txt"
+  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step_fused.json" 2>&1 | tail -12 | tee "$OUT/step.md"
+  python3 benchmarks/profile_step.py --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1; grep "==\|CUDA graphs" "$OUT/profile.txt"
+  exit 0
+elif [ "$PHASE" = 6 ]; then
   # PHASE=6: fused kernels: GPU tests, step table with the kernels and without (FEDMEF_KERNELS=torch), profile, simulator
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_graphs.py tests/test_sap.py tests/test_nsconv.py 2>&1 \
     | grep -E "passed|failed|Error|assert|Mismatch|differs|Greatest" | head -40 | tee "$OUT/tests.txt"

@@ -111,6 +111,8 @@ class ClientTrainer:
         loss_sum = torch.zeros((), device=self.train_x.device)
         step = 0
         for x, y in self.batches(client, gen, self.epochs):
+            if forward is not model:
+                forward.capture_allowed = step == 0
             plan.at_step(step, model, self, client, gen)
             lr = plan.step_lr(step, model)
             for group in opt.param_groups:

@@ -18,7 +18,8 @@ eagerly otherwise:
 * eval mode or no-grad calls,
 * passes that register Python hooks in forward (growth-gradient capture),
 * a parameter or buffer that is a different tensor than at capture
-  (in-place updates, such as mask changes with copy_, are fine and seen).
+  (in-place updates, such as mask changes with copy_, are fine and seen);
+  the graph is captured again at the next client's first step.
 
 Before capturing it runs one step eagerly with CUDA's sync debugging set to
 "error": a model that synchronises the host (which a graph cannot contain)
@@ -63,6 +64,10 @@ class GraphedForward:
         self._addresses = None
         self.replays = 0
         self.eager_calls = 0
+        # Capture only where no autograd graph of an earlier step can still be alive (its
+        # AccumulateGrad nodes would tie the parameters to the default stream and break the
+        # capture): the trainer allows it at the first step of each client.
+        self.capture_allowed = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._replayable(x):
@@ -71,6 +76,9 @@ class GraphedForward:
         addresses = self._tensor_addresses()
         key = (tuple(x.shape), x.dtype, autocast_dtype(x.device.type))
         if self._graphed is None or key != self._key or addresses != self._addresses:
+            if not self.capture_allowed:
+                self.eager_calls += 1
+                return self.model(x)
             self._graphed = None  # frees the old graph's memory pool before capturing anew
             self._capture(x)
             if self._graphed is None:
