@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from fedmef_toolkit.kernels.packing import masked_relu_backward, masked_relu_forward, pack_rows, unpack_rows
+from fedmef_toolkit.kernels.packing import CHUNK, masked_relu_backward, masked_relu_forward, pack_rows, unpack_rows
 from fedmef_toolkit.kernels.standardize import standardize_backward, standardize_forward
 from fedmef_toolkit.layers.nsconv import standardize_weight_reference
 from fedmef_toolkit.sap.packing import keep_count, pack_bits, topk_keep_mask
@@ -50,9 +50,9 @@ def check_pack_rows(dev):
         for n, gamma in [(3000, 0.9), (3000, 0.5), (37, 0.5), (4096, 0.0001)]:
             x = torch.randn(5, n, generator=gen).relu().to(dev, dtype)  # many zeros: ties at t = 0
             k = keep_count(n, gamma)
-            bits, vals = pack_rows(x, k)
+            bits, vals, offsets = pack_rows(x, k)
             assert vals.numel() == 5 * k and bits.shape == (5, (n + 7) // 8)
-            out = unpack_rows(bits, vals, x.shape, k)
+            out = unpack_rows(bits, vals, offsets, x.shape, k)
             ref = x * topk_keep_mask(x, gamma, per_sample=True)
             # ties may pick other entries than topk, but only entries equal in |x|: the kept
             # values, and so the pruned tensor, are the same wherever the tied value is 0
@@ -61,10 +61,28 @@ def check_pack_rows(dev):
             assert torch.equal(out.float().abs().sort(dim=1).values, ref.float().abs().sort(dim=1).values)
     # ties at a nonzero threshold: exactly k kept, all larger ones kept, the first ties in row order
     x = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.5, 2.0, 2.0, 4.0, 2.0]], device=dev)
-    bits, vals = pack_rows(x, 4)
-    out = unpack_rows(bits, vals, x.shape, 4)
+    bits, vals, offsets = pack_rows(x, 4)
+    out = unpack_rows(bits, vals, offsets, x.shape, 4)
     assert out.tolist() == [[0.0, 3.0, 2.0, 2.0, 0.0, 0.0, 0.0, 4.0, 0.0]], out.tolist()
     assert vals.tolist() == [3.0, 2.0, 2.0, 4.0]
+    # the same across chunk boundaries: ties spread over chunks, only the first ones kept
+    n = 3 * CHUNK + 5
+    x = torch.zeros(2, n, device=dev)
+    x[:, ::7] = 2.0  # ties everywhere
+    x[:, 5] = 9.0
+    x[1, n - 1] = 8.0
+    k = 40
+    bits, vals, offsets = pack_rows(x, k)
+    out = unpack_rows(bits, vals, offsets, x.shape, k)
+    for r in range(2):
+        big = 1 + r
+        tie_cols = torch.nonzero(x[r] == 2.0).flatten()[: k - big]
+        expect = torch.zeros(n, device=dev)
+        expect[tie_cols] = 2.0
+        expect[5] = 9.0
+        if r == 1:
+            expect[n - 1] = 8.0
+        assert torch.equal(out[r], expect), r
 
 
 def same_values(a, b, dev):

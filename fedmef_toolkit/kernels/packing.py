@@ -1,15 +1,19 @@
 """SAP's activation packing and the masked ReLU, fused.
 
 Packing a layer input for backward (per sample): given each row's k-th
-largest |x| (the threshold t), one program per row keeps every entry with
-|x| > t and the first entries equal to t (in row order) until exactly k are
-kept, writing the keep bitmask and the kept values, in row order, in the
-same pass. Unpacking is the inverse. Same result as
+largest |x| (the threshold t), every entry with |x| > t is kept, and the
+first entries equal to t (in row order) until exactly k are kept. Rows are
+split into chunks, one program each: a first kernel counts, per chunk, the
+entries above and equal to t; the second derives from those counts where
+its chunk's kept values start and writes the keep bits and the values, in
+row order, in one pass. Those start offsets are saved too (one int32 per
+chunk), so unpacking is one parallel kernel as well. Same result as
 `sap.packing.pack_activation`'s top-k, without the sort, scatter and
 compaction kernels and their temporaries; no host sync at any keep fraction.
 
-Layout (private to these two kernels): bits are (rows, ceil(n/8)) bytes,
-little-endian within a byte; values are (rows * k,) in the input dtype.
+Layout (private to these kernels): bits are (rows, ceil(n/8)) bytes,
+little-endian within a byte; values are (rows * k,) in the input dtype;
+offsets are (rows, chunks) int32.
 
 The masked ReLU computes gain * relu(x) (optionally clipped) and its 1-bit
 pass mask in one kernel, in `sap.packing.pack_bits`'s flat layout.
@@ -23,54 +27,59 @@ import triton.language as tl
 
 
 @triton.jit
-def _pack_rows(x_ptr, t_ptr, bits_ptr, vals_ptr, n, nbytes, k, BLOCK: tl.constexpr):
+def _count_chunk(x_ptr, t_ptr, above_ptr, ties_ptr, n, chunks, CHUNK: tl.constexpr):
+    """Per (row, chunk): entries with |x| above the row's threshold, and equal to it."""
     row = tl.program_id(0).to(tl.int64)
-    base = row * n
+    c = tl.program_id(1)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    inb = idx < n
+    a = tl.abs(tl.load(x_ptr + row * n + idx, mask=inb, other=0.0).to(tl.float32))
     t = tl.load(t_ptr + row).to(tl.float32)
-    offs = tl.arange(0, BLOCK)
-    boffs = tl.arange(0, BLOCK // 8)
-    shifts = tl.arange(0, 8)
-    above = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        a = tl.abs(tl.load(x_ptr + base + idx, mask=idx < n, other=0.0).to(tl.float32))
-        above += ((a > t) & (idx < n)).to(tl.int32)
-    ties_to_keep = k - tl.sum(above, axis=0)  # >= 1: t itself is among the top k
-    kept = tl.sum(above, axis=0) * 0
-    ties_seen = tl.sum(above, axis=0) * 0
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        inb = idx < n
-        x = tl.load(x_ptr + base + idx, mask=inb, other=0.0)
-        a = tl.abs(x.to(tl.float32))
-        tie = ((a == t) & inb).to(tl.int32)
-        tie_rank = ties_seen + tl.cumsum(tie, axis=0)
-        keep = (((a > t) & inb) | ((tie != 0) & (tie_rank <= ties_to_keep))).to(tl.int32)
-        byte = tl.sum(tl.reshape(keep, [BLOCK // 8, 8]) << shifts[None, :], axis=1)
-        bidx = start // 8 + boffs
-        tl.store(bits_ptr + row * nbytes + bidx, byte.to(tl.uint8), mask=bidx < nbytes)
-        pos = kept + tl.cumsum(keep, axis=0) - 1
-        tl.store(vals_ptr + row * k + pos, x, mask=keep != 0)
-        kept += tl.sum(keep, axis=0)
-        ties_seen += tl.sum(tie, axis=0)
+    tl.store(above_ptr + row * chunks + c, tl.sum(((a > t) & inb).to(tl.int32), axis=0))
+    tl.store(ties_ptr + row * chunks + c, tl.sum(((a == t) & inb).to(tl.int32), axis=0))
 
 
 @triton.jit
-def _unpack_rows(bits_ptr, vals_ptr, out_ptr, n, nbytes, k, BLOCK: tl.constexpr):
+def _pack_chunk(x_ptr, t_ptr, above_ptr, ties_ptr, bits_ptr, vals_ptr, offsets_ptr, n, nbytes, k, chunks,
+                CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    """Keeps |x| > t and the first ties in row order until k are kept; writes the chunk's
+    keep bits, its kept values at their place in the row's value list, and that place."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    boffs = tl.arange(0, BLOCK // 8)
-    shifts = tl.arange(0, 8)
-    kept = tl.sum(offs, axis=0) * 0
-    for start in range(0, n, BLOCK):
-        bidx = start // 8 + boffs
-        b = tl.load(bits_ptr + row * nbytes + bidx, mask=bidx < nbytes, other=0).to(tl.int32)
-        keep = tl.reshape((b[:, None] >> shifts[None, :]) & 1, [BLOCK])
-        idx = start + offs
-        pos = kept + tl.cumsum(keep, axis=0) - 1
-        v = tl.load(vals_ptr + row * k + pos, mask=keep != 0, other=0.0)
-        tl.store(out_ptr + row * n + idx, v, mask=idx < n)
-        kept += tl.sum(keep, axis=0)
+    c = tl.program_id(1)
+    # where this chunk starts: from the row's per-chunk counts (a few dozen numbers)
+    cs = tl.arange(0, MAX_CHUNKS)
+    above = tl.load(above_ptr + row * chunks + cs, mask=cs < chunks, other=0)
+    ties = tl.load(ties_ptr + row * chunks + cs, mask=cs < chunks, other=0)
+    ties_to_keep = k - tl.sum(above, axis=0)  # >= 1: t itself is among the top k
+    ties_before = tl.sum(tl.where(cs < c, ties, 0), axis=0)
+    kept_before = tl.sum(tl.where(cs < c, above, 0), axis=0) + tl.minimum(ties_before, ties_to_keep)
+    tl.store(offsets_ptr + row * chunks + c, kept_before)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    inb = idx < n
+    x = tl.load(x_ptr + row * n + idx, mask=inb, other=0.0)
+    a = tl.abs(x.to(tl.float32))
+    t = tl.load(t_ptr + row).to(tl.float32)
+    tie = ((a == t) & inb).to(tl.int32)
+    tie_rank = ties_before + tl.cumsum(tie, axis=0)
+    keep = (((a > t) & inb) | ((tie != 0) & (tie_rank <= ties_to_keep))).to(tl.int32)
+    byte = tl.sum(tl.reshape(keep, [CHUNK // 8, 8]) << tl.arange(0, 8)[None, :], axis=1)
+    bidx = c * (CHUNK // 8) + tl.arange(0, CHUNK // 8)
+    tl.store(bits_ptr + row * nbytes + bidx, byte.to(tl.uint8), mask=bidx < nbytes)
+    pos = kept_before + tl.cumsum(keep, axis=0) - 1
+    tl.store(vals_ptr + row * k + pos, x, mask=keep != 0)
+
+
+@triton.jit
+def _unpack_chunk(bits_ptr, vals_ptr, offsets_ptr, out_ptr, n, nbytes, k, chunks, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bidx = c * (CHUNK // 8) + tl.arange(0, CHUNK // 8)
+    b = tl.load(bits_ptr + row * nbytes + bidx, mask=bidx < nbytes, other=0).to(tl.int32)
+    keep = tl.reshape((b[:, None] >> tl.arange(0, 8)[None, :]) & 1, [CHUNK])
+    pos = tl.load(offsets_ptr + row * chunks + c) + tl.cumsum(keep, axis=0) - 1
+    v = tl.load(vals_ptr + row * k + pos, mask=keep != 0, other=0.0)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    tl.store(out_ptr + row * n + idx, v, mask=idx < n)
 
 
 @triton.jit
@@ -106,28 +115,31 @@ def _masked_relu_bwd(gy_ptr, bits_ptr, gx_ptr, numel, nbytes, gain, BLOCK: tl.co
     tl.store(gx_ptr + idx, gx, mask=inb)
 
 
-def _block(n: int) -> int:
-    return min(2048, max(64, triton.next_power_of_2(n)))
+CHUNK = 2048  # entries per program: rows are split so that every SM gets work
 
 
-def pack_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bits, values) of the top-k |entries| of each row of a 2-d tensor."""
+def pack_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bits, values, chunk offsets) of the top-k |entries| of each row of a 2-d tensor."""
     rows = rows.contiguous()
     r, n = rows.shape
     # the k-th largest |x| per row; topk's values only, the indices are dropped at once
     t = torch.topk(rows.abs(), k, dim=1, sorted=False).values.amin(dim=1)
+    chunks = triton.cdiv(n, CHUNK)
     nbytes = (n + 7) // 8
+    counts = torch.empty((2, r, chunks), dtype=torch.int32, device=rows.device)
     bits = torch.empty((r, nbytes), dtype=torch.uint8, device=rows.device)
     vals = torch.empty(r * k, dtype=rows.dtype, device=rows.device)
-    _pack_rows[(r,)](rows, t, bits, vals, n, nbytes, k, BLOCK=_block(n))
-    return bits, vals
+    offsets = torch.empty((r, chunks), dtype=torch.int32, device=rows.device)
+    _count_chunk[(r, chunks)](rows, t, counts[0], counts[1], n, chunks, CHUNK=CHUNK)
+    _pack_chunk[(r, chunks)](rows, t, counts[0], counts[1], bits, vals, offsets, n, nbytes, k, chunks,
+                             CHUNK=CHUNK, MAX_CHUNKS=max(2, triton.next_power_of_2(chunks)))
+    return bits, vals, offsets
 
 
-def unpack_rows(bits: torch.Tensor, vals: torch.Tensor, shape, k: int) -> torch.Tensor:
+def unpack_rows(bits: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor, shape, k: int) -> torch.Tensor:
     out = torch.empty(shape, dtype=vals.dtype, device=vals.device)
-    r = shape[0]
-    n = out.numel() // r
-    _unpack_rows[(r,)](bits, vals, out, n, bits.shape[1], k, BLOCK=_block(n))
+    r, chunks = offsets.shape
+    _unpack_chunk[(r, chunks)](bits, vals, offsets, out, out.numel() // r, bits.shape[1], k, chunks, CHUNK=CHUNK)
     return out
 
 

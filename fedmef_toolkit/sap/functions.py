@@ -75,7 +75,7 @@ class _SavedInput:
         if ctx.packing == "fused":
             from ..kernels.packing import unpack_rows
 
-            return unpack_rows(saved[0], saved[1], ctx.x_shape, ctx.keep)
+            return unpack_rows(saved[0], saved[1], saved[2], ctx.x_shape, ctx.keep)
         return unpack_activation(saved[0], saved[1], ctx.x_shape)
 
 
