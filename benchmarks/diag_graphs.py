@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmef_toolkit.fl.graphs import GraphedForward
-from fedmef_toolkit.models import get_model
-from fedmef_toolkit.sap import enable_sap
-from fedmef_toolkit.sparse.masks import attach_masks, init_masks
+from fedmef_toolkit.memory.report import MemoryConfig
 
 
 def run_mode(model, mode, xs, y):
@@ -34,13 +32,10 @@ def run_mode(model, mode, xs, y):
 
 def one(arch, norm, density, gamma, steps=3):
     dev = torch.device("cuda")
+    cfg = MemoryConfig(f"{arch}/{norm}", arch, norm, width=0.25, density=density, sap_enabled=gamma is not None,
+                       gamma=gamma or 0.0)
     torch.manual_seed(0)
-    model = get_model(arch, 4, norm=norm, width=0.25, image_size=16)
-    if density < 1:
-        attach_masks(model, init_masks(model, density, "erk", "random", seed=0))
-    if gamma is not None:
-        enable_sap(model, gamma)
-    model = model.to(dev).train()
+    model = cfg.build(4, 16).to(dev).train()
     xs = [torch.randn(8, 3, 16, 16, device=dev) for _ in range(steps)]
     y = torch.randint(0, 4, (8,), device=dev)
     results = {}

@@ -56,6 +56,17 @@ def _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK: tl.constexpr, ACTIVE: 
 
 
 @triton.jit
+def _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr):
+    """c and m as `_centered` gives them, and dL/dw_hat (masked where all-entry statistics
+    need it; with active statistics c is already 0 where pruned)."""
+    c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+    gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
+    if HAS_MASK and not ACTIVE:
+        gy = gy * m
+    return c, m, gy
+
+
+@triton.jit
 def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps,
                      HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -93,10 +104,7 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
         inb = idx < fan_in
-        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
-        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
-        if HAS_MASK and not ACTIVE:
-            gy = gy * m
+        c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
         acc_s += c * c
         acc_gc += gy * c
     f = 1.0
@@ -114,10 +122,7 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
         inb = idx < fan_in
-        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
-        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
-        if HAS_MASK and not ACTIVE:
-            gy = gy * m
+        c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
         dc = gain * gy * r - k * c
         if HAS_MASK and ACTIVE:
             dc = dc * m
@@ -126,10 +131,7 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
         inb = idx < fan_in
-        c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
-        gy = tl.load(gy_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
-        if HAS_MASK and not ACTIVE:
-            gy = gy * m
+        c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
         dw = gain * gy * r - k * c
         if HAS_MASK and ACTIVE:
             dw = (dw * m - mean_dc) * m
