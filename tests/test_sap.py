@@ -168,6 +168,7 @@ def test_report_json_schema_and_chart(tmp_path):
 
     data = json.loads((tmp_path / "memory.json").read_text())
     assert data["schema"] == "fedmef-memory/1" and len(data["configurations"]) == 2
+    assert (data["measured_on"], data["precision"], data["kernels"]) == ("cpu", "fp32", "torch")
     c = data["configurations"][0]
     assert set(c["analytic"]) == {"weights", "gradients", "optimizer", "activations", "total"}
     assert c["paper_figure"] == c["analytic"]["weights"] + c["measured"]["activations"]

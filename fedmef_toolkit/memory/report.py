@@ -9,7 +9,9 @@ configuration (same model with BatchNorm and no SAP, what FedAvg/FedDST
 clients train) gives the reduction.
 
 memory.json schema "fedmef-memory/1":
-  {"schema", "device", "measured_on", "batch_size", "input_shape", "num_classes",
+  {"schema", "device", "measured_on", "precision": "fp32" | "bf16",
+   "kernels": "triton" | "torch" (fused GPU kernels or PyTorch ops measured),
+   "batch_size", "input_shape", "num_classes",
    "configurations": [{"name", "arch", "norm", "width", "density", "sap": {"enabled",
        "gamma", "selection"}, "momentum",
        "analytic": {"weights", "gradients", "optimizer", "activations", "total"},
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..kernels import use_triton
 from ..layers import ScaledReLU
 from ..models import get_model
 from ..sap import enable_sap
@@ -164,6 +167,7 @@ def build_report(configs: list[MemoryConfig], batch_size: int, image_size: int, 
     return {
         "schema": SCHEMA, "device": str(device), "measured_on": torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", "precision": "bf16" if autocast_dtype else "fp32",
+        "kernels": "triton" if use_triton(torch.empty(0, device=device)) else "torch",
         "batch_size": batch_size, "input_shape": [3, image_size, image_size], "num_classes": num_classes,
         "configurations": rows,
         "reduction_vs_reference": {
