@@ -54,6 +54,8 @@ class _Call(nn.Module):
 
 
 class GraphedForward:
+    """Calls the model, or replays its captured forward (and, in backward, its backward)."""
+
     def __init__(self, model: nn.Module, batch_size: int, enabled: bool = True):
         self.model = model
         self.batch_size = batch_size
@@ -103,13 +105,16 @@ class GraphedForward:
         buffers = [b.detach().clone() for b in self.model.buffers()]
         try:
             reason = self._host_sync_in_step(x)
+            if reason is None:
+                try:
+                    with sync_free_packing():
+                        self._graphed = torch.cuda.make_graphed_callables(
+                            _Call(self.model), (x.detach().clone(),), allow_unused_input=True)
+                except (RuntimeError, AssertionError) as e:  # e.g. hooks on a module: refused before capture
+                    reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             if reason is not None:
                 self.refused = reason
                 log.warning("CUDA graphs off for this run: %s", reason)
-                return
-            with sync_free_packing():
-                self._graphed = torch.cuda.make_graphed_callables(
-                    _Call(self.model), (x.detach().clone(),), allow_unused_input=True)
         finally:
             with torch.no_grad():  # warm-up passes must not leave BatchNorm statistics behind
                 for b, saved in zip(self.model.buffers(), buffers):
