@@ -45,3 +45,23 @@ def test_kernels_match_reference_on_the_gpu():
     import kernel_checks
 
     kernel_checks.run_all("cuda")
+
+
+@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed: the fused kernels are never used")
+def test_kernels_that_cannot_run_fall_back_to_pytorch(monkeypatch, caplog):
+    """A Triton that fails at first use (no C compiler, driver trouble) must not stop
+    training: the check says no once, with the reason logged."""
+    import fedmef_toolkit.kernels as kernels
+    import fedmef_toolkit.kernels.standardize as standardize
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(standardize, "standardize_forward", broken)
+    kernels._kernels_run_on.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert kernels._kernels_run_on("cpu") is False
+        assert "Failed to find C compiler" in caplog.text
+    finally:
+        kernels._kernels_run_on.cache_clear()

@@ -13,9 +13,12 @@ interpreter (TRITON_INTERPRET=1) and on a GPU when there is one.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,4 +43,23 @@ def use_triton(t: torch.Tensor) -> bool:
     compute in fp32, so float64 tensors (gradient checks) take the PyTorch path."""
     if t.dtype not in _KERNEL_DTYPES or os.environ.get("FEDMEF_KERNELS", "triton") == "torch":
         return False
-    return (t.is_cuda or interpreting()) and _triton_importable()
+    return (t.is_cuda or interpreting()) and _triton_importable() and _kernels_run_on(t.device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_run_on(device_type: str) -> bool:
+    """Once per device type: compile and run one kernel on a case with a known answer
+    (standardised rows have unit norm). Triton needs a working C compiler and driver at
+    first use; where that fails, training goes on with the PyTorch ops and says so."""
+    try:
+        from .standardize import standardize_forward
+
+        w = torch.randn(4, 9, device=device_type)
+        out = standardize_forward(w, torch.ones(4, device=device_type), None, True, False, 1e-4)
+        if torch.allclose(out.norm(dim=1), torch.ones(4, device=device_type), atol=1e-4):
+            return True
+        reason = "a test kernel gave a wrong result"
+    except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    log.warning("fused kernels off on %s, using PyTorch ops: %s", device_type, reason)
+    return False
