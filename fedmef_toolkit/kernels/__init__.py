@@ -54,7 +54,7 @@ def _kernels_run_on(device_type: str) -> bool:
     try:
         from .standardize import standardize_forward
 
-        w = torch.randn(4, 9, device=device_type)
+        w = torch.arange(36.0, device=device_type).reshape(4, 9).sin()  # no RNG draws: runs stay reproducible
         out = standardize_forward(w, torch.ones(4, device=device_type), None, True, False, 1e-4)
         if torch.allclose(out.norm(dim=1), torch.ones(4, device=device_type), atol=1e-4):
             return True
