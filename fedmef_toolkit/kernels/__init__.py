@@ -51,15 +51,27 @@ def _kernels_run_on(device_type: str) -> bool:
     """Once per device type: compile and run one kernel on a case with a known answer
     (standardised rows have unit norm). Triton needs a working C compiler and driver at
     first use; where that fails, training goes on with the PyTorch ops and says so."""
+    # The first call may come from inside a CUDA-graph preflight (sync debugging set to
+    # "error"); reading the answer back is a host sync that must be allowed here.
+    previous = torch.cuda.get_sync_debug_mode() if device_type == "cuda" else None
     try:
-        from .standardize import standardize_forward
-
-        w = torch.arange(36.0, device=device_type).reshape(4, 9).sin()  # no RNG draws: runs stay reproducible
-        out = standardize_forward(w, torch.ones(4, device=device_type), None, True, False, 1e-4)
-        if torch.allclose(out.norm(dim=1), torch.ones(4, device=device_type), atol=1e-4):
-            return True
-        reason = "a test kernel gave a wrong result"
+        if previous is not None:
+            torch.cuda.set_sync_debug_mode(0)
+        return _known_answer(device_type)
     except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    finally:
+        if previous is not None:
+            torch.cuda.set_sync_debug_mode(previous)
     log.warning("fused kernels off on %s, using PyTorch ops: %s", device_type, reason)
     return False
+
+
+def _known_answer(device_type: str) -> bool:
+    from .standardize import standardize_forward
+
+    w = torch.arange(36.0, device=device_type).reshape(4, 9).sin()  # no RNG draws: runs stay reproducible
+    out = standardize_forward(w, torch.ones(4, device=device_type), None, True, False, 1e-4)
+    if not torch.allclose(out.norm(dim=1), torch.ones(4, device=device_type), atol=1e-4):
+        raise RuntimeError("a test kernel gave a wrong result")
+    return True
