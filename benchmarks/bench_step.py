@@ -19,30 +19,36 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fedmef_toolkit.fl.client import apply_step_masks
+from fedmef_toolkit.fl.client import apply_step_masks, masked_weights
 from fedmef_toolkit.fl.graphs import GraphedForward
 from fedmef_toolkit.memory.report import MemoryConfig, measure_config
 
 
-def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int, graphs: bool = False) -> float:
-    """Training samples/s of the client step; with `graphs`, forward and backward are
-    replayed from a CUDA graph as the simulator does (fl/graphs.py)."""
+def make_step(cfg: MemoryConfig, batch: int, device, dtype=None, graphs: bool = False, momentum=None):
+    """(step(i), forward): one masked SGD client step on the i-th of four fixed random batches;
+    with `graphs`, forward and backward are replayed from a CUDA graph as the simulator does."""
     torch.manual_seed(0)
     model = cfg.build(10, 32).to(device)
     forward = GraphedForward(model, batch) if graphs else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum if momentum is None else momentum)
     xs = torch.randn(4, batch, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (4, batch), device=device)
-    masks = [(m.weight, m.weight_mask) for m in model.modules() if getattr(m, "weight_mask", None) is not None]
+    pairs = masked_weights(model)
+    weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
 
-    def step(i):
+    def step(i=0):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
             loss = F.cross_entropy(forward(xs[i % 4]), ys[i % 4])
         loss.backward()
         with torch.no_grad():
-            apply_step_masks(opt, [w for w, _ in masks], [m for _, m in masks])
+            apply_step_masks(opt, weights, masks)
+    return step, forward
 
+
+def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int, graphs: bool = False) -> float:
+    """Training samples/s of the client step (see make_step)."""
+    step, forward = make_step(cfg, batch, device, dtype, graphs)
     for i in range(5):
         step(i)
     if device.type == "cuda":

@@ -16,11 +16,9 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from fedmef_toolkit.fl.client import apply_step_masks, masked_weights
-from fedmef_toolkit.fl.graphs import GraphedForward
+from bench_step import make_step  # run as a script: benchmarks/ is on sys.path
 from fedmef_toolkit.memory.report import MemoryConfig
 from fedmef_toolkit.sap.packing import pack_activation, unpack_activation
 
@@ -37,27 +35,8 @@ def timed(fn, n=30, warmup=5) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def make_step(cfg: MemoryConfig, batch: int, dev, graphs: bool = False):
-    torch.manual_seed(0)
-    model = cfg.build(10, 32).to(dev)
-    forward = GraphedForward(model, batch) if graphs else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    pairs = masked_weights(model)
-    weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        with torch.no_grad():
-            apply_step_masks(opt, weights, masks)
-    return step
-
-
 def profile_config(cfg: MemoryConfig, batch: int, dev) -> dict:
-    step = make_step(cfg, batch, dev)
+    step, _ = make_step(cfg, batch, dev, momentum=0.9)
     wall = timed(step)
     # CPU time to enqueue one step (no sync inside): near `wall` means launch/CPU-bound
     torch.cuda.synchronize()
@@ -82,7 +61,7 @@ def profile_config(cfg: MemoryConfig, batch: int, dev) -> dict:
     print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
     print(ka.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=50))
     # the same step with forward/backward replayed from a CUDA graph (fl/graphs.py)
-    gstep = make_step(cfg, batch, dev, graphs=True)
+    gstep, _ = make_step(cfg, batch, dev, graphs=True, momentum=0.9)
     out["graph_wall_ms"] = timed(gstep) * 1e3
     print(f"   CUDA graphs: {out['graph_wall_ms']:.2f} ms/step = {batch / out['graph_wall_ms'] * 1e3:.0f} samples/s")
     return out

@@ -67,20 +67,36 @@ def _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK: tl.co
 
 
 @triton.jit
+def _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, HAS_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
+                    ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+    """(n, mu, s, f, gc) of one row: count, mean, f * sum c^2 with the variance factor f
+    (n / (n - 1) when unbiased, else 1), and sum dL/dw_hat * c (0 without HAS_GRAD)."""
+    offs = tl.arange(0, BLOCK)
+    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
+    acc_s = tl.zeros([BLOCK], tl.float32)
+    acc_gc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        inb = idx < fan_in
+        if HAS_GRAD:
+            c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+            acc_gc += gy * c
+        else:
+            c, m = _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
+        acc_s += c * c
+    f = 1.0
+    if UNBIASED:
+        f = n / tl.maximum(n - 1.0, 1.0)
+    return n, mu, f * tl.sum(acc_s, axis=0), f, tl.sum(acc_gc, axis=0)
+
+
+@triton.jit
 def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps,
                      HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * fan_in
     offs = tl.arange(0, BLOCK)
-    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
-    acc_s = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, fan_in, BLOCK):
-        idx = start + offs
-        c, m = _centered(w_ptr, m_ptr, base, idx, idx < fan_in, mu, HAS_MASK, ACTIVE)
-        acc_s += c * c
-    s = tl.sum(acc_s, axis=0)
-    if UNBIASED:
-        s = s * (n / tl.maximum(n - 1.0, 1.0))
+    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, w_ptr, base, fan_in, False, HAS_MASK, ACTIVE, UNBIASED, BLOCK)
     scale = tl.load(g_ptr + row).to(tl.float32) / tl.sqrt(tl.maximum(s, eps))
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
@@ -98,22 +114,8 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
     row = tl.program_id(0)
     base = row.to(tl.int64) * fan_in
     offs = tl.arange(0, BLOCK)
-    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
-    acc_s = tl.zeros([BLOCK], tl.float32)
-    acc_gc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, fan_in, BLOCK):
-        idx = start + offs
-        inb = idx < fan_in
-        c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
-        acc_s += c * c
-        acc_gc += gy * c
-    f = 1.0
-    s = tl.sum(acc_s, axis=0)
-    if UNBIASED:
-        f = n / tl.maximum(n - 1.0, 1.0)
-        s = s * f
+    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, True, HAS_MASK, ACTIVE, UNBIASED, BLOCK)
     r = 1.0 / tl.sqrt(tl.maximum(s, eps))
-    gc = tl.sum(acc_gc, axis=0)
     tl.store(dg_ptr + row, gc * r)
     gain = tl.load(g_ptr + row).to(tl.float32)
     # d r / d c_j = -f r^3 c_j, zero where the eps floor holds r constant
