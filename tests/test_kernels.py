@@ -39,6 +39,25 @@ def test_kernels_match_reference_in_the_interpreter():
     assert "kernel checks passed" in proc.stdout
 
 
+def _can_compile_for_hopper() -> bool:
+    if not _triton_importable():
+        return False
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters  # the compile API of Triton >= 3.3
+
+
+@pytest.mark.skipif(not _can_compile_for_hopper(), reason="needs Triton >= 3.3 with its NVIDIA toolchain")
+def test_kernels_compile_for_a_hopper_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile, not a cache hit
+    sys.path.insert(0, str(HERE))
+    import kernel_checks
+
+    assert len(kernel_checks.compile_for_hopper()) == 16 + 2 * 6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
 def test_kernels_match_reference_on_the_gpu():
     sys.path.insert(0, str(HERE))
