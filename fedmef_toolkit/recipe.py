@@ -62,11 +62,16 @@ class NSConvSpec:
     stats: str = _f("active", choices=["active", "all"], help="standardise over active entries or all entries then mask")
     unbiased: bool = _f(False)
     eps: float = _f(1e-4, lo=0.0, lo_open=True)
+    alpha: float = _f(0.2, lo=0.0, lo_open=True, hi=1.0,
+                      help="residual branch scale of the BN-free blocks: h + alpha * f(h / beta)")
+    calibrate: bool = _f(True, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
+                                    "variance on its first 256 images and sends the gains (not with model.init)")
 
 
 @dataclass
 class ModelSpec:
-    arch: str = _f("resnet18", choices=["resnet18", "mobilenetv2", "cnn4"])
+    arch: str = _f("resnet18", choices=["resnet18", "resnet_narrow", "mobilenetv2", "cnn4"],
+                   help="resnet_narrow: the FedMef authors' 16/32/64 CIFAR ResNet")
     norm: str = _f("bn", choices=["bn", "nsconv"])
     width: float = _f(1.0, lo=0.0, lo_open=True, hi=8.0, help="channel width multiplier")
     init: str | None = _f(None, help="initial weights: a safetensors file (e.g. from `fedmef convert`)")
@@ -84,7 +89,9 @@ class FLSpec:
     lr_schedule: str = _f("constant", choices=["constant", "cosine", "exp"], help="over rounds")
     lr_decay: float = _f(0.998, lo=0.0, lo_open=True, hi=1.0, help="per-round factor for lr_schedule: exp")
     momentum: float = _f(0.0, lo=0.0, hi=0.999)
-    weight_decay: float = _f(5e-4, lo=0.0)
+    weight_decay: float = _f(5e-4, lo=0.0, help="on conv and linear weights only (not on biases, gains, norms)")
+    agc: float = _f(0.0, lo=0.0, hi=10.0,
+                    help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
     engine: str = _f("sequential", choices=["sequential"])
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..sparse.masks import prunable_modules
+from .agc import adaptive_clip_, agc_weights
 from .graphs import GraphedForward
 from .plan import ClientPlan
 
@@ -41,8 +42,9 @@ class ClientTrainer:
     """Runs E local epochs of SGD for one client; the same code for every method."""
 
     def __init__(self, train_x, train_y, augment, *, epochs: int, batch_size: int, momentum: float,
-                 weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True):
+                 weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True, agc: float = 0.0):
         self.train_x, self.train_y = train_x, train_y
+        self.agc = agc
         self.augment = augment
         self.epochs, self.batch_size = epochs, batch_size
         self.momentum, self.weight_decay = momentum, weight_decay
@@ -106,6 +108,7 @@ class ClientTrainer:
         # (weight, mask) pairs can be collected once per client.
         pairs = masked_weights(model)
         weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
+        clipped = agc_weights(model) if self.agc > 0 else None
         total = self.total_steps(client.num_samples)
         plan.begin(model, total)
         loss_sum = torch.zeros((), device=self.train_x.device)
@@ -124,7 +127,8 @@ class ClientTrainer:
             opt.zero_grad(set_to_none=True)
             total_loss.backward()
             with torch.no_grad():
-                apply_step_masks(opt, weights, masks)
+                apply_step_masks(opt, weights, masks, clip=None if clipped is None else
+                                 lambda: adaptive_clip_(clipped, self.agc))
             loss_sum += loss.detach().float()
             step += 1
         upload = plan.finish(model, self, client, gen)
@@ -165,10 +169,13 @@ class ClientTrainer:
         return grads
 
 
-def apply_step_masks(opt: torch.optim.Optimizer, weights: list, masks: list) -> None:
+def apply_step_masks(opt: torch.optim.Optimizer, weights: list, masks: list, clip=None) -> None:
     """One optimizer step that leaves pruned entries, their gradient and momentum at 0.
-    Grouped (foreach) ops: two or three kernel launches instead of one per layer."""
+    Grouped (foreach) ops: two or three kernel launches instead of one per layer.
+    `clip` (e.g. adaptive gradient clipping) runs on the masked gradients, before the step."""
     if not weights:
+        if clip is not None:
+            clip()
         opt.step()
         return
     grads = [w.grad for w in weights]
@@ -178,6 +185,8 @@ def apply_step_masks(opt: torch.optim.Optimizer, weights: list, masks: list) -> 
         for g, m in zip(grads, masks):
             if g is not None:
                 g.mul_(m)
+    if clip is not None:
+        clip()
     opt.step()
     torch._foreach_mul_(weights, masks)
     bufs = [opt.state.get(w, {}).get("momentum_buffer") for w in weights]

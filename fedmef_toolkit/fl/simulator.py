@@ -77,11 +77,12 @@ class Simulator:
         self.train_y = self.data.train_y.to(self.device)
         self.eval_x = self.data.eval_x.to(self.device)
         self.eval_y = self.data.eval_y.to(self.device)
+        self.calibration = self.calibrate_gains()
         fl = recipe.fl
         self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
                                      batch_size=fl.batch_size, momentum=fl.momentum,
                                      weight_decay=fl.weight_decay, precision=recipe.precision,
-                                     cuda_graphs=recipe.cuda_graphs)
+                                     cuda_graphs=recipe.cuda_graphs, agc=fl.agc)
         self.engine = ENGINES[fl.engine](self.trainer, recipe.seed)
         self.start_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
@@ -103,6 +104,19 @@ class Simulator:
         model = build_from_description(self.arch_desc)
         load_init_weights(model, state, init)
         return model
+
+    def calibrate_gains(self) -> dict[str, float] | None:
+        """BN-free models start from gains fitted to real data (models/signal.py): client 0
+        runs one forward pass over up to 256 of its images and sends back the gains. The
+        masks are already attached (they change what each filter passes); weights loaded
+        from `model.init` are kept as they are."""
+        spec = self.recipe.model
+        if spec.norm != "nsconv" or not spec.nsconv.calibrate or spec.init:
+            return None
+        from ..models.signal import calibrate_gains
+
+        idx = self.client_indices[0][:256].to(self.device)
+        return calibrate_gains(self.model, self.augment.normalize(self.train_x[idx]))
 
     def _partition(self) -> None:
         d = self.recipe.data

@@ -3,34 +3,49 @@
 A `NormPolicy` is the single switch between the BatchNorm model (what the
 baselines train) and the BN-free NSConv model (what FedMef trains); the
 architectures ask it for units and never test the norm themselves.
+
+The BN-free models follow the signal-propagation design of normalizer-free
+ResNets (Brock, De and Smith, ICLR 2021): a residual block computes
+``h + alpha * f(h / beta)`` where ``beta`` is the predicted standard deviation
+of the residual stream ``h``. Every NSConv keeps the variance of its input
+(zero-mean, unit-norm filters) and the scaled ReLU keeps unit variance, so
+``f`` maps unit variance to unit variance and each block adds ``alpha**2`` to
+the stream's variance; a transition block (one whose shortcut is a conv) feeds
+its shortcut ``h / beta`` too, which resets the variance to ``1 + alpha**2``.
+`SignalTracker` does this bookkeeping while an architecture is assembled.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.nn as nn
 
 from ..layers import NSConv2d, ScaledReLU
 
+#: residual branch scale of the BN-free models (NF-ResNets use 0.2)
+DEFAULT_ALPHA = 0.2
+
 
 class NormPolicy:
-    def __init__(self, norm: str = "bn", stats: str = "active", unbiased: bool = False, eps: float = 1e-4):
+    def __init__(self, norm: str = "bn", stats: str = "active", unbiased: bool = False, eps: float = 1e-4,
+                 alpha: float = DEFAULT_ALPHA):
         if norm not in ("bn", "nsconv"):
             raise ValueError(f"norm must be 'bn' or 'nsconv', got {norm!r}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         self.norm = norm
+        self.alpha = alpha
         self.nsconv_kwargs = {"stats": stats, "unbiased": unbiased, "eps": eps}
 
     @property
-    def preactivation(self) -> bool:
-        """BN-free residual blocks activate before the branch (as NF-ResNets do): an
-        activation after the residual sum would shift the mean and grow the
-        variance block after block without BN to undo it."""
+    def normfree(self) -> bool:
+        """BN-free model: pre-activation residual blocks ``h + alpha * f(h / beta)``."""
         return self.norm == "nsconv"
 
-    @property
-    def residual_scale(self) -> float:
-        """Factor on a residual sum. 1 for both norms: without BN the branch starts at
-        zero (SkipInit, see residual_out), so the stream keeps unit variance at init."""
-        return 1.0
+    def tracker(self) -> "SignalTracker":
+        """Expected-variance bookkeeping for one network (alpha 1 and unused with BN)."""
+        return SignalTracker(self.alpha if self.normfree else 1.0)
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Module:
         pad = k // 2
@@ -38,19 +53,40 @@ class NormPolicy:
             return NSConv2d(cin, cout, k, stride, pad, groups=groups, bias=True, **self.nsconv_kwargs)
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(cout))
 
-    def residual_out(self, conv: nn.Module) -> nn.Module:
-        """The last conv of a residual branch. Without BN it starts with gain 0 (SkipInit),
-        so every block is the identity at initialisation; measured on CIFAR-10, the
-        BN-free ResNet18 and MobileNetV2 otherwise diverge within a few dozen SGD
-        steps at lr 0.02, momentum 0.9, batch 8."""
+    def act(self, relu6: bool = False, input_scale: float = 1.0) -> nn.Module:
+        """The activation; without BN a ReLU scaled to keep unit variance, whose input is
+        first multiplied by `input_scale` (1 / beta at the entry of a residual branch)."""
         if self.norm == "nsconv":
-            nn.init.zeros_(conv.gain)
-        return conv
-
-    def act(self, relu6: bool = False) -> nn.Module:
-        if self.norm == "nsconv":
-            return ScaledReLU()
+            return ScaledReLU(max_value=6.0 if relu6 else None, input_scale=input_scale)
         return nn.ReLU6(inplace=False) if relu6 else nn.ReLU(inplace=False)
+
+
+class SignalTracker:
+    """The predicted variance of a normalizer-free residual stream, block by block."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.var = 1.0
+
+    @property
+    def beta(self) -> float:
+        """Predicted standard deviation of the stream at this point."""
+        return math.sqrt(self.var)
+
+    def block(self, transition: bool) -> float:
+        """Enter a residual block; returns its beta and records the block's output variance.
+        A transition block's shortcut sees ``h / beta`` too, so its output variance restarts."""
+        beta = self.beta
+        if transition:
+            self.var = 1.0
+        self.var += self.alpha ** 2
+        return beta
+
+    def plain(self) -> float:
+        """Enter a block without residual connection (its output has unit variance)."""
+        beta = self.beta
+        self.var = 1.0
+        return beta
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:

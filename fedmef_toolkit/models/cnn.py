@@ -9,7 +9,7 @@ from .blocks import NormPolicy
 
 
 class CNN4(nn.Module):
-    def __init__(self, num_classes: int = 10, width: float = 1.0, image_size: int = 32, policy: NormPolicy | None = None):
+    def __init__(self, *, num_classes: int = 10, width: float = 1.0, image_size: int = 32, policy: NormPolicy | None = None):
         super().__init__()
         policy = policy or NormPolicy()
         c = [max(4, int(round(x * width))) for x in (32, 64, 128, 128)]

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Issue 15 experiments in one device-tool call (runs concurrently on one GPU).
+#   PHASE=sweep: static sparse FedAvg (density 0.1), BN vs NSConv variants, batch 64 and 8
+#   PHASE=paper: paper protocol FedMef vs FedDST (resumable: rerun while the machine is warm)
+#   PHASE=step:  bench_step.py (memory and speed of one client step)
+# Needs carry/ (wheels + the CIFAR-10 archive). Results: $OUT/*.md and $OUT/metrics.tgz.
+set -u
+export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PHASE=${PHASE:-sweep}; BUDGET=${BUDGET:-540}
+python3 -m pip install --no-index --find-links carry/wheels click rich pyyaml > "$OUT/install.log" 2>&1
+python3 -m pip install --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+DATA=carry/cifar10-jpeg-train.tar.xz
+R=runs
+python3 -c "
+from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load_data
+load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0)" || exit 1
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+COMMON=(--set data.root=$DATA --set output.dir=$R --set precision=bf16 --set output.memory_report=false --no-progress)
+
+launch() {  # launch NAME RECIPE [--set ...]: a new run, or resume it if its directory exists
+  local name=$1 recipe=$2; shift 2
+  if [ -f "$R/$name/checkpoint.json" ]; then
+    timeout -s INT $(left) fedmef train --resume "$R/$name" --no-progress >> "$R-$name.log" 2>&1 &
+  else
+    rm -rf "$R/$name"
+    timeout -s INT $(left) fedmef train --recipe "$recipe" "${COMMON[@]}" --set output.name=$name "$@" > "$R-$name.log" 2>&1 &
+  fi
+}
+
+if [ "$PHASE" = sweep ]; then
+  S=fedavg_sparse_resnet18_cifar10.yaml
+  # 1 local epoch, 10 clients a round; lr decays exponentially by 10x over 50 rounds (batch 64)
+  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.03)
+  launch r18_bn $S "${B64[@]}" --set model.norm=bn --set fl.lr=0.1
+  launch r18_ns $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1
+  launch r18_ns_agc04 $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1 --set fl.agc=0.04
+  launch r18_ns_agc16 $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1 --set fl.agc=0.16
+  launch r18_bn_lr2 $S "${B64[@]}" --set model.norm=bn --set fl.lr=0.2
+  launch r18_ns_lr2 $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.2
+  launch r18_ns_all $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1 --set model.nsconv.stats=all
+  launch r18_ns_wd5 $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1 --set fl.weight_decay=5e-5
+  launch mb_bn $S "${B64[@]}" --set model.arch=mobilenetv2 --set model.norm=bn --set fl.lr=0.1
+  launch mb_ns $S "${B64[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv --set fl.lr=0.1
+  launch mb_ns_agc04 $S "${B64[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv --set fl.lr=0.1 --set fl.agc=0.04
+  launch r18_bn_b8 $S "${B8[@]}" --set model.norm=bn
+  launch r18_ns_b8 $S "${B8[@]}" --set model.norm=nsconv
+  launch mb_bn_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=bn
+  launch mb_ns_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv
+elif [ "$PHASE" = sweep2 ]; then
+  S=fedavg_sparse_resnet18_cifar10.yaml
+  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.1)
+  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.03)
+  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
+  MB=(--set model.arch=mobilenetv2); NR=(--set model.arch=resnet_narrow)
+  launch r18_bn $S "${B64[@]}" --set model.norm=bn
+  launch r18_ns_cal $S "${B64[@]}" "${NS[@]}" "${CAL[@]}"
+  launch r18_ns_cal_a5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set model.nsconv.alpha=0.5
+  launch r18_ns_a5 $S "${B64[@]}" "${NS[@]}" "${NOCAL[@]}" --set model.nsconv.alpha=0.5
+  launch r18_ns_cal_lr2 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.lr=0.2
+  launch mb_ns_cal $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}"
+  launch mb_ns_cal_a5 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" --set model.nsconv.alpha=0.5
+  launch mb_ns_a5 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set model.nsconv.alpha=0.5
+  launch r18_ns_cal_b8 $S "${B8[@]}" "${NS[@]}" "${CAL[@]}"
+  launch mb_ns_cal_b8 $S "${B8[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}"
+  launch nr_bn $S "${B64[@]}" "${NR[@]}" --set model.norm=bn
+  launch nr_ns $S "${B64[@]}" "${NR[@]}" "${NS[@]}" "${NOCAL[@]}"
+  launch nr_ns_cal $S "${B64[@]}" "${NR[@]}" "${NS[@]}" "${CAL[@]}"
+elif [ "$PHASE" = sweep3 ]; then
+  S=fedavg_sparse_resnet18_cifar10.yaml
+  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.1)
+  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
+  MB=(--set model.arch=mobilenetv2)
+  launch r18_ns_cal_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16
+  launch r18_ns_cal_agc04 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.04
+  launch r18_ns_cal_a5_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set model.nsconv.alpha=0.5
+  launch r18_ns_cal_lr3_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set fl.lr=0.3
+  launch r18_ns_cal_lr3_agc04 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.04 --set fl.lr=0.3
+  launch r18_bn_lr3 $S "${B64[@]}" --set model.norm=bn --set fl.lr=0.3
+  launch r18_ns_cal_a1_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set model.nsconv.alpha=1.0
+  launch mb_ns_agc16 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.agc=0.16
+  launch mb_ns_lr3_agc16 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.agc=0.16 --set fl.lr=0.3
+  launch mb_ns_a5_agc16 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.agc=0.16 --set model.nsconv.alpha=0.5
+  launch mb_ns_cal_lr3_agc16 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set fl.lr=0.3
+  launch mb_bn_lr3 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.3
+elif [ "$PHASE" = sweep4 ]; then
+  S=fedavg_sparse_resnet18_cifar10.yaml
+  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
+  MB=(--set model.arch=mobilenetv2); A16=(--set fl.agc=0.16)
+  launch r18_ns_lr3_a5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
+  launch r18_ns_lr3_agc32 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.32 --set fl.lr=0.3
+  launch r18_ns_lr5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.5
+  launch r18_ns_b8_lr1 $S "${B8[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
+  launch r18_bn_b8_lr1 $S "${B8[@]}" --set model.norm=bn --set fl.lr=0.1
+  launch mb_ns_dw $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.lr=0.1
+  launch mb_ns_dw_cal $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" --set fl.lr=0.1
+  launch mb_ns_dw_cal_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3
+  launch mb_ns_dw_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" "${A16[@]}" --set fl.lr=0.3
+  launch mb_ns_dw_cal_a5_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
+  launch mb_ns_b8_lr1 $S "${B8[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
+  launch mb_bn_b8_lr1 $S "${B8[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
+elif [ "$PHASE" = paper ]; then
+  P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200})
+  # the shipped recipes; mef_r18_d99: the same with the learning rate decaying 10x per 230 rounds
+  launch mef_r18 fedmef_resnet18_cifar10.yaml "${P[@]}"
+  launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
+  launch mef_r18_d99 fedmef_resnet18_cifar10.yaml "${P[@]}" --set fl.lr_decay=0.99
+elif [ "$PHASE" = step ]; then
+  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step.json" 2>&1 | tail -12 | tee "$OUT/step.md"
+fi
+wait
+python3 benchmarks/summarize_runs.py $R/* > "$OUT/summary.txt" 2>&1
+python3 - "$R" <<'PY' | tee "$OUT/table.md"
+import json, sys
+from pathlib import Path
+for d in sorted(Path(sys.argv[1]).iterdir()):
+    f = d / "metrics.jsonl"
+    if not f.exists():
+        continue
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    ev = [(r["round"], r["eval_acc"]) for r in rows if "eval_acc" in r]
+    print(f"| {d.name} | {rows[-1]['round'] if rows else 0} | " + " ".join(f"{t}:{a:.3f}" for t, a in ev[-8:]) + " |")
+PY
+grep -l -i -E "Traceback|Error" $R-*.log 2>/dev/null | head; for f in $(grep -l -i -E "Traceback|Error" $R-*.log 2>/dev/null | head -3); do tail -3 $f; done
+tar czf "$OUT/metrics.tgz" $R/*/metrics.jsonl $R/*/recipe.yaml $R-*.log 2>/dev/null
+echo "left $(left) s"

@@ -1,0 +1,40 @@
+"""Adaptive gradient clipping (AGC; Brock, De, Smith, Simonyan, ICML 2021).
+
+Each unit (output row: an output channel of a conv, an output feature of a
+linear layer) gets its gradient rescaled so that
+
+    ||G_i|| <= clip * max(||W_i||, eps)
+
+which bounds the relative change of every unit per step. Vectors (NSConv
+gains, biases) count as one unit each, as in the NFNet authors' code, and
+the final classifier is left out, as they do. Applied to the raw weights:
+for NSConv layers ||G_i|| / ||W_i|| is exactly the size of the step
+relative to the weight the standardisation normalises; on the gains it
+stops the growth that makes a BN-free network diverge.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def agc_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter but those of the last linear layer (the classifier)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    skip = {id(p) for p in linears[-1].parameters()} if linears else set()
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+@torch.no_grad()
+def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) -> None:
+    """Rescale each weight's .grad in place, unit by unit (no host synchronisation)."""
+    for w in weights:
+        g = w.grad
+        if g is None:
+            continue
+        rows = (lambda t: t.flatten(1)) if w.dim() > 1 else (lambda t: t.reshape(1, -1))
+        w_norm = rows(w).norm(dim=1).clamp_min_(eps)
+        g_norm = rows(g).norm(dim=1).clamp_min_(1e-6)
+        scale = (w_norm * clip / g_norm).clamp_max_(1.0)
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
