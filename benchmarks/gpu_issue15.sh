@@ -104,6 +104,17 @@ elif [ "$PHASE" = sweep4 ]; then
   launch mb_ns_dw_cal_a5_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
   launch mb_ns_b8_lr1 $S "${B8[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
   launch mb_bn_b8_lr1 $S "${B8[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
+elif [ "$PHASE" = sweep5 ]; then
+  # MobileNetV2 with the BN-free ReLU unclipped (sweeps 1-4 clipped it at 6)
+  S=fedavg_sparse_resnet18_cifar10.yaml
+  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
+  MB=(--set model.arch=mobilenetv2); A16=(--set fl.agc=0.16)
+  launch mb_ns_u $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.lr=0.1
+  launch mb_ns_u_r18recipe $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
+  launch mb_ns_u_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" "${A16[@]}" --set fl.lr=0.3
+  launch mb_ns_u_cal_lr1 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
 elif [ "$PHASE" = paper ]; then
   P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200})
   # the shipped recipes; mef_r18_d99: the same with the learning rate decaying 10x per 230 rounds

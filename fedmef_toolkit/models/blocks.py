@@ -55,9 +55,11 @@ class NormPolicy:
 
     def act(self, relu6: bool = False, input_scale: float = 1.0) -> nn.Module:
         """The activation; without BN a ReLU scaled to keep unit variance, whose input is
-        first multiplied by `input_scale` (1 / beta at the entry of a residual branch)."""
+        first multiplied by `input_scale` (1 / beta at the entry of a residual branch).
+        BN-free models have no ReLU6 clip: the clip would keep a second dense tensor for
+        backward (its input) and 6 means nothing on a unit-variance signal."""
         if self.norm == "nsconv":
-            return ScaledReLU(max_value=6.0 if relu6 else None, input_scale=input_scale)
+            return ScaledReLU(input_scale=input_scale)
         return nn.ReLU6(inplace=False) if relu6 else nn.ReLU(inplace=False)
 
 
