@@ -15,6 +15,7 @@ import hashlib
 import importlib.resources
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,6 +174,9 @@ class Recipe:
 # Building a recipe from plain data, with validation
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -195,6 +199,8 @@ def _coerce(value, tp, where: str, src: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

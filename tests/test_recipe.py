@@ -109,3 +109,15 @@ def test_cli_version_and_help():
     for cmd in ["train", "recipes"]:
         h = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", cmd, "--help"], capture_output=True, text=True)
         assert h.returncode == 0 and "Usage" in h.stdout
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads 5e-5 as a string; float fields take it as the number it means."""
+    from fedmef_toolkit.recipe import load_recipe
+
+    r = load_recipe("quickstart.yaml", ["fl.weight_decay=5e-5", "fl.lr=1E-3", "fl.agc=2e-1"])
+    assert (r.fl.weight_decay, r.fl.lr, r.fl.agc) == (5e-5, 1e-3, 0.2)
+    with pytest.raises(UserError, match="fl.lr: expected float"):
+        load_recipe("quickstart.yaml", ["fl.lr=e-3"])
+    with pytest.raises(UserError, match="fl.rounds: expected int"):
+        load_recipe("quickstart.yaml", ["fl.rounds=1e3"])

@@ -4,8 +4,25 @@ BN-free network; `benchmarks/signal_stats.py` prints them, tests bound them)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+
+def _eval_pass(model: nn.Module, x: torch.Tensor, hooks: dict[str, tuple[nn.Module, Callable]]) -> None:
+    """One eval-mode forward over `x` with `hooks[name] = (module, fn(module, out, name))`
+    as forward hooks (a hook may return a replacement output); the model is left as it was."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, fn=fn, name=name: fn(mod, out, name))
+               for name, (m, fn) in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def block_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -17,21 +34,14 @@ def block_modules(model: nn.Module) -> dict[str, nn.Module]:
 def block_statistics(model: nn.Module, x: torch.Tensor) -> list[dict]:
     """Per block: mean of the channel means, mean of the channel variances (over batch
     and positions) of its output, and the predicted variance. Runs in eval mode."""
-    rows, hooks = [], []
-    for name, module in block_modules(model).items():
-        def hook(mod, inputs, out, name=name):
-            o = out.detach().float()
-            rows.append({"block": name, "mean": float(o.mean(dim=(0, 2, 3)).abs().mean()),
-                         "var": float(o.var(dim=(0, 2, 3)).mean()), "predicted_var": float(mod.predicted_var)})
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    rows = []
+
+    def record(mod, out, name):
+        o = out.detach().float()
+        rows.append({"block": name, "mean": float(o.mean(dim=(0, 2, 3)).abs().mean()),
+                     "var": float(o.var(dim=(0, 2, 3)).mean()), "predicted_var": float(mod.predicted_var)})
+
+    _eval_pass(model, x, {name: (m, record) for name, m in block_modules(model).items()})
     return rows
 
 
@@ -52,9 +62,8 @@ def calibrate_gains(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     from ..layers import NSConv2d
 
     factors: dict[str, float] = {}
-    hooks = []
 
-    def hook(module, inputs, out, name):
+    def rescale(module, out, name):
         bias = 0.0 if module.bias is None else module.bias.view(1, -1, 1, 1)
         linear = out - bias
         std = linear.float().var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-6)
@@ -62,15 +71,5 @@ def calibrate_gains(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         factors[name] = float(1.0 / std)
         return linear / std + bias  # what the layer now computes: later layers calibrate on it
 
-    for name, module in model.named_modules():
-        if isinstance(module, NSConv2d):
-            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: hook(m, i, o, n)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _eval_pass(model, x, {name: (m, rescale) for name, m in model.named_modules() if isinstance(m, NSConv2d)})
     return factors
