@@ -28,7 +28,7 @@ from ..models import model_kwargs_from_spec
 from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
-from .checkpoint import load_checkpoint, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, save_checkpoint, save_model, write_text_atomic
 from .client import ClientData, ClientTrainer
 from .engine import ENGINES
 from .evaluate import evaluate
@@ -52,6 +52,14 @@ def load_init_weights(model: nn.Module, state: dict, path: str) -> None:
         what = f"missing {missing[:3]}" if missing else f"shape mismatch for {bad[:3]}"
         raise UserError(f"model.init does not fit model '{model.__class__.__name__}': {what}", path)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _round_of(line: str) -> float:
+    """The round of a metrics line; a torn line (a kill mid-write) counts as after any checkpoint."""
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Simulator:
@@ -143,8 +151,8 @@ class Simulator:
         self.totals = state["totals"]
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():  # drop rounds logged after the checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["round"] <= self.start_round]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+            keep = [ln for ln in metrics.read_text().splitlines() if _round_of(ln) <= self.start_round]
+            write_text_atomic(metrics, "".join(ln + "\n" for ln in keep))  # a kill here loses nothing
 
     def checkpoint(self, t: int) -> None:
         save_checkpoint(self.run_dir, self.model.state_dict(), self.strategy.state_tensors(),
@@ -215,16 +223,17 @@ class Simulator:
         fl, out = self.recipe.fl, self.recipe.output
         rows: list[dict] = []
         last_acc = None
-        t = self.start_round
+        done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
                 open(self.run_dir / "metrics.jsonl", "a") as log:
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
-                    row = self.run_round(t)
-                    self.phase = "idle"
+                    row = self.run_round(t)  # phase "clients", then "server" once the model changes
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    done = t
+                    self.phase = "idle"
                     rows.append(row)
                     last_acc = row.get("eval_acc", last_acc)
                     progress.update(row)
@@ -233,10 +242,11 @@ class Simulator:
                     if t % out.checkpoint_every == 0 or t == fl.rounds:
                         self.checkpoint(t)
             except KeyboardInterrupt:
-                # Only a model untouched by the interrupted round may be saved as round t-1;
-                # an interrupt during server work keeps the last periodic checkpoint.
-                if self.phase in ("clients", "idle") and t - 1 >= self.start_round:
-                    self.checkpoint(t - 1)
+                # While clients train, the global model is that of round `done`; when idle it is
+                # too (also mid-checkpoint: the write is atomic and is simply redone). During
+                # server work it is neither, so the last periodic checkpoint stands.
+                if self.phase in ("clients", "idle") and done > self.start_round:
+                    self.checkpoint(done)
                 raise
         self.save_final_model(fl.rounds, last_acc)
         return rows

@@ -1,0 +1,147 @@
+"""Crash safety of a run (issue 11, items 1-4): one-file atomic checkpoints, resume after
+SIGKILL at any moment, SIGTERM checkpoints, torn metrics lines, run directories that
+never collide."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import small_recipe
+from safetensors.torch import load_file
+
+from fedmef_toolkit.fl.checkpoint import load_checkpoint, save_checkpoint
+
+CLI = [sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--no-progress"]
+TIME_KEYS = {"time_s", "samples_per_s", "cpu_max_rss_mib"}
+
+
+def _metrics(run_dir):
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIME_KEYS}
+            for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _recipe_file(tmp_path, name, **over):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(small_recipe(tmp_path, **{"output.name": name, **over})))
+    return path
+
+
+def test_checkpoint_state_travels_with_the_tensors(tmp_path):
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"s": torch.zeros(2)}, {"round": 4, "totals": {}})
+    # a kill between the two files used to leave a stale checkpoint.json: it no longer matters
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"round": 3, "totals": {}}))
+    model, strat, state = load_checkpoint(tmp_path)
+    assert state["round"] == 4 and torch.equal(model["w"], torch.ones(3)) and set(strat) == {"s"}
+    (tmp_path / "checkpoint.json").unlink()
+    assert load_checkpoint(tmp_path)[2]["round"] == 4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _wait_for_lines(path, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(tmp_path):
+    over = {"fl.rounds": 6, "output.checkpoint_every": 1}
+    full = subprocess.run(CLI + ["--recipe", str(_recipe_file(tmp_path, "full", **over))], capture_output=True,
+                          text=True)
+    assert full.returncode == 0, full.stderr
+    full_dir = tmp_path / "runs" / "full"
+    rng = random.Random(0)
+    part_dir = tmp_path / "runs" / "part"
+    proc = subprocess.Popen(CLI + ["--recipe", str(_recipe_file(tmp_path, "part", **over))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kills = 0
+    while True:
+        # kill at a random moment after a random number of logged rounds (inside training,
+        # metrics writes or checkpoint writes alike), then resume, until the run finishes
+        metrics = part_dir / "metrics.jsonl"
+        logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if _wait_for_lines(metrics, logged + rng.randint(1, 2), proc):
+            time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if (part_dir / "model.safetensors").exists() and proc.returncode == 0:
+            break
+        assert kills < 12, "the run never finished"
+        proc = subprocess.Popen(CLI[:-1] + ["--resume", str(part_dir), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert kills >= 1
+    assert _metrics(part_dir) == _metrics(full_dir)
+    a, b = load_file(str(full_dir / "model.safetensors")), load_file(str(part_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_leaves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    path = _recipe_file(tmp_path, "term", **{"fl.rounds": 200, "output.checkpoint_every": 100})
+    run_dir = tmp_path / "runs" / "term"
+    proc = subprocess.Popen(CLI + ["--recipe", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"fedmef train --resume {run_dir}" in err
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert load_checkpoint(run_dir)[2]["round"] == logged  # the last logged round, not the periodic one
+
+
+def test_torn_line_after_the_checkpoint_is_dropped(tmp_path):
+    from fedmef_toolkit.fl.simulator import Simulator
+    from fedmef_toolkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(small_recipe(tmp_path, **{"fl.rounds": 2, "output.checkpoint_every": 1}))
+    sim = Simulator(recipe, tmp_path / "r", show_progress=False)
+    sim.write_run_files()
+    sim.run()
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "lr"')
+    again = Simulator(recipe, tmp_path / "r", show_progress=False)
+    again.resume()
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2]
+
+
+def test_a_new_run_never_writes_into_an_old_one(tmp_path):
+    path = _recipe_file(tmp_path, "same", **{"fl.rounds": 1})
+    assert subprocess.run(CLI + ["--recipe", str(path)], capture_output=True).returncode == 0
+    before = (tmp_path / "runs" / "same" / "metrics.jsonl").read_text()
+    again = subprocess.run(CLI + ["--recipe", str(path)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "runs" / "same" / "metrics.jsonl").read_text() == before
+
+
+def test_default_run_names_in_the_same_second_do_not_collide(tmp_path, monkeypatch):
+    from fedmef_toolkit.cli.train import _new_run_dir
+    from fedmef_toolkit.recipe import recipe_from_dict
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
+    recipe = recipe_from_dict(small_recipe(tmp_path, **{"output.name": None}))
+    dirs = [_new_run_dir(recipe) for _ in range(3)]
+    assert [d.name for d in dirs] == ["t-20260101-000000", "t-20260101-000000-2", "t-20260101-000000-3"]
+    assert all(d.is_dir() for d in dirs)
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path):
+    init = tmp_path / "not-a-model.safetensors"
+    init.write_bytes(b"garbage")
+    path = _recipe_file(tmp_path, "bad", **{"model.init": str(init)})
+    proc = subprocess.run(CLI + ["--recipe", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "bad").exists()  # so the fixed recipe can use the same name
