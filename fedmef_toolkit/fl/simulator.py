@@ -223,6 +223,8 @@ class Simulator:
         fl, out = self.recipe.fl, self.recipe.output
         rows: list[dict] = []
         last_acc = None
+        if self.start_round == 0:  # a run killed before its first periodic checkpoint still resumes
+            self.checkpoint(0)
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
