@@ -79,6 +79,10 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         if resume_dir is None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # nothing was written: leave no empty run directory behind
         raise
+    if sim.calibration and resume_dir is None:
+        f = list(sim.calibration.values())
+        err_console.print(f"NSConv gains calibrated on client 0's images: {len(f)} layers, factors "
+                          f"{min(f):.2f}..{max(f):.2f}", highlight=False)
     if resume_dir is not None:
         sim.resume()
         err_console.print(f"resuming after round {sim.start_round}", highlight=False)

@@ -65,8 +65,8 @@ class NSConvSpec:
     eps: float = _f(1e-4, lo=0.0, lo_open=True)
     alpha: float = _f(0.2, lo=0.0, lo_open=True, hi=1.0,
                       help="residual branch scale of the BN-free blocks: h + alpha * f(h / beta)")
-    calibrate: bool = _f(True, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
-                                    "variance on its first 256 images and sends the gains (not with model.init)")
+    calibrate: bool = _f(False, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
+                                     "variance on its first 256 images and sends the gains (not with model.init)")
 
 
 @dataclass

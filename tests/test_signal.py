@@ -173,11 +173,11 @@ def test_simulator_calibrates_bn_free_models_only(tmp_path):
     def sim(**over):
         return Simulator(recipe_from_dict(small_recipe(tmp_path, **over)), tmp_path / "r", show_progress=False)
 
-    on = sim(**{"model.norm": "nsconv"})
+    on = sim(**{"model.norm": "nsconv", "model.nsconv.calibrate": True})
     gains = torch.cat([m.gain for m in on.model.modules() if isinstance(m, NSConv2d)])
     assert on.calibration and set(on.calibration) == {n for n, m in on.model.named_modules() if isinstance(m, NSConv2d)}
     assert not torch.allclose(gains, torch.ones_like(gains))
-    off = sim(**{"model.norm": "nsconv", "model.nsconv.calibrate": False})
+    off = sim(**{"model.norm": "nsconv"})  # off unless a recipe asks
     assert off.calibration is None
     assert all(torch.equal(m.gain, torch.ones_like(m.gain)) for m in off.model.modules() if isinstance(m, NSConv2d))
     assert sim(**{"model.norm": "bn"}).calibration is None
