@@ -15,6 +15,12 @@ class UserError(Exception):
         super().__init__(f"{source}: {message}" if source else message)
 
 
+class TrainingDiverged(UserError):
+    """The loss or the aggregated model became NaN/inf: the run stops, its checkpoints intact."""
+
+    exit_code = 1
+
+
 def brief(exc: BaseException, limit: int = 200) -> str:
     """First line of an exception's message (or its type name), for one-line errors."""
     lines = str(exc).strip().splitlines()

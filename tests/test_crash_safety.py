@@ -145,3 +145,17 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
     proc = subprocess.run(CLI + ["--recipe", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # so the fixed recipe can use the same name
+
+
+def test_divergence_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    path = _recipe_file(tmp_path, "nan", **{"fl.rounds": 6, "fl.lr": 1.0e4, "output.checkpoint_every": 1})
+    proc = subprocess.run(CLI + ["--recipe", str(path)], capture_output=True, text=True)
+    run_dir = tmp_path / "runs" / "nan"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "training diverged in round" in proc.stderr and "fl.agc" in proc.stderr
+    diverged = int(proc.stderr.split("diverged in round")[1].split()[0])
+    _, _, state = load_checkpoint(run_dir)
+    assert state["round"] == diverged - 1  # the last good round, not the diverged one
+    model, _, _ = load_checkpoint(run_dir)
+    assert all(torch.isfinite(v.float()).all() for v in model.values())
+    assert not (run_dir / "model.safetensors").exists()

@@ -90,5 +90,16 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
     return model, strat, state
 
 
+def load_checkpoint_round(run_dir: Path) -> int | None:
+    """The round of the run's checkpoint, read from its metadata only (None if unreadable)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(run_dir / CKPT), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})[STATE_KEY])["round"])
+    except Exception:
+        return None
+
+
 def save_model(path: Path, model_state: dict, metadata: dict) -> None:
     _atomic_save(dict(model_state), path, {k: str(v) for k, v in metadata.items()})

@@ -10,6 +10,7 @@ resumed CPU run reproduces the uninterrupted one exactly.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -22,13 +23,13 @@ from .. import __version__
 from ..data import DataBundle, load_data
 from ..data.augment import DeviceAugment
 from ..data.partition import class_histograms, partition
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
 from ..architecture import build_from_description, registry_description
 from ..models import model_kwargs_from_spec
 from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
-from .checkpoint import load_checkpoint, save_checkpoint, save_model, write_text_atomic
+from .checkpoint import load_checkpoint, load_checkpoint_round, save_checkpoint, save_model, write_text_atomic
 from .client import ClientData, ClientTrainer
 from .engine import ENGINES
 from .evaluate import evaluate
@@ -216,6 +217,20 @@ class Simulator:
             row["cpu_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return row
 
+    def check_finite(self, t: int, row: dict) -> None:
+        """Stop at the first round whose loss or aggregated model is NaN/inf (one host sync):
+        nothing of it is checkpointed, so `--resume` after changing nothing would diverge
+        again, and the last checkpoint stays the last good state."""
+        state = [v.detach().float() for v in self.model.state_dict().values() if v.is_floating_point()]
+        norms = torch.stack(torch._foreach_norm(state)) if state else torch.zeros(1)  # weights and BN statistics
+        if math.isfinite(row["train_loss"]) and bool(torch.isfinite(norms).all()):
+            return
+        last = load_checkpoint_round(self.run_dir)
+        raise TrainingDiverged(
+            f"training diverged in round {t} (NaN/inf in the {'loss' if not math.isfinite(row['train_loss']) else 'model'}); "
+            f"the last checkpoint (round {last}) is intact; lower fl.lr or set fl.agc (e.g. 0.16) and start again",
+            str(self.run_dir))
+
     # -- the loop -----------------------------------------------------------
     def run(self) -> list[dict]:
         from ..progress import RoundProgress
@@ -234,6 +249,7 @@ class Simulator:
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    self.check_finite(t, row)
                     done = t
                     self.phase = "idle"
                     rows.append(row)
