@@ -51,7 +51,7 @@ class DataSpec:
     cache_dir: str | None = _f(None, help="decoded uint8 cache (default ~/.cache/fedmef)")
     partition: str = _f("dirichlet", choices=["iid", "dirichlet"])
     alpha: float = _f(0.5, lo=0.0, lo_open=True, help="Dirichlet concentration")
-    num_clients: int = _f(100, lo=1)
+    num_clients: int = _f(100, lo=1, hi=1_000_000)
     min_samples: int = _f(10, lo=1, help="minimum training samples per client")
     val_split: float = _f(0.1, lo=0.0, hi=0.9, help="fraction of training data held out for validation when no test split is used")
     augment: bool = _f(True, help="random crop (pad 4) + horizontal flip on the device")
@@ -81,12 +81,12 @@ class ModelSpec:
 
 @dataclass
 class FLSpec:
-    rounds: int = _f(500, lo=1)
-    clients_per_round: int = _f(10, lo=1)
-    local_epochs: int = _f(5, lo=1)
-    batch_size: int = _f(64, lo=1)
+    rounds: int = _f(500, lo=1, hi=1_000_000)
+    clients_per_round: int = _f(10, lo=1, hi=1_000_000)
+    local_epochs: int = _f(5, lo=1, hi=10_000)
+    batch_size: int = _f(64, lo=1, hi=65_536)
     optimizer: str = _f("sgd", choices=["sgd"])
-    lr: float = _f(0.01, lo=0.0, lo_open=True)
+    lr: float = _f(0.01, lo=0.0, lo_open=True, hi=100.0)
     lr_schedule: str = _f("constant", choices=["constant", "cosine", "exp"], help="over rounds")
     lr_decay: float = _f(0.998, lo=0.0, lo_open=True, hi=1.0, help="per-round factor for lr_schedule: exp")
     momentum: float = _f(0.0, lo=0.0, hi=0.999)
@@ -151,7 +151,7 @@ class OutputSpec:
 @dataclass
 class Recipe:
     name: str = _f("experiment")
-    seed: int = _f(0, lo=0)
+    seed: int = _f(0, lo=0, hi=2**32 - 1)
     device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
     precision: str = _f("fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
     cuda_graphs: bool = _f(True, help="replay client steps from CUDA graphs (CUDA only; eager where it cannot)")
@@ -282,14 +282,61 @@ def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:
     return recipe
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeYAMLError(Exception):
+    def __init__(self, message: str, mark=None):
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        super().__init__(message + where)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (no expansion bombs; recipes have no use for them) and with
+    duplicate keys refused (the second would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _RecipeYAMLError("YAML aliases (*name) are not supported in recipes", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are refused later as unknown keys
+            if key in seen:
+                raise _RecipeYAMLError(f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, src: str):
+    """Parse recipe YAML safely: size limit, no aliases, no duplicate keys, bounded nesting;
+    every failure is a UserError naming `src`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB", src)
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except _RecipeYAMLError as exc:
+        raise UserError(str(exc), src) from None
+    except RecursionError:
+        raise UserError("recipe is nested too deeply", src) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', None) or 'cannot parse'}", src) from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() else None
+    except UserError:
+        value = raw  # not YAML: the plain string, checked against the key's type later
     return key.strip().split("."), value
 
 
@@ -334,14 +381,9 @@ def resolve_recipe_path(name: str) -> tuple[str, str]:
 
 def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     src, text = resolve_recipe_path(name)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}", src) from None
+    data = parse_yaml(text, src)
     if data is None:
-        data = {}
+        raise UserError("the recipe is empty (a recipe states at least what it trains, e.g. method.name)", src)
     if not isinstance(data, dict):
         raise UserError("a recipe must be a YAML mapping", src)
     data = apply_overrides(data, overrides or [])

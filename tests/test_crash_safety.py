@@ -148,7 +148,7 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
 
 
 def test_divergence_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
-    path = _recipe_file(tmp_path, "nan", **{"fl.rounds": 6, "fl.lr": 1.0e4, "output.checkpoint_every": 1})
+    path = _recipe_file(tmp_path, "nan", **{"fl.rounds": 6, "fl.lr": 50.0, "output.checkpoint_every": 1})
     proc = subprocess.run(CLI + ["--recipe", str(path)], capture_output=True, text=True)
     run_dir = tmp_path / "runs" / "nan"
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -121,3 +121,36 @@ def test_exponent_floats_without_a_dot_are_numbers():
         load_recipe("quickstart.yaml", ["fl.lr=e-3"])
     with pytest.raises(UserError, match="fl.rounds: expected int"):
         load_recipe("quickstart.yaml", ["fl.rounds=1e3"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the recipe is empty"),
+    ("name: a\nname: b\n", "duplicate key 'name' at line 2"),
+    ("fl:\n  lr: 0.1\n  lr: 0.2\n", "duplicate key 'lr' at line 3"),
+    ("a: &x [1, 2]\nb: *x\n", "YAML aliases"),
+    ("a: &a [1]\nb: &b [*a, *a]\nc: &c [*b, *b]\n" * 1, "YAML aliases"),
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("seed: 1180591620717411303424\n", "seed: must be <="),
+    ("fl:\n  rounds: 100000000000\n", "fl.rounds: must be <="),
+    ("fl:\n  lr: 1.0e308\n", "fl.lr: must be <="),
+    ("name: [unclosed\n", "malformed YAML"),
+])
+def test_hostile_recipes_get_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_oversized_recipe_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 120_000)
+    with pytest.raises(UserError, match="larger than 1 MiB"):
+        load_recipe(str(path))
+
+
+def test_override_with_an_alias_is_a_plain_string_refused_by_type(tmp_path):
+    with pytest.raises(UserError, match="fl.lr: expected float"):
+        load_recipe("quickstart.yaml", ["fl.lr=*x"])
