@@ -30,11 +30,15 @@ launch() {  # launch NAME RECIPE [--set ...]: a new run, or resume it if its dir
   fi
 }
 
+# static sparse FedAvg (1 local epoch, 10 clients a round), lr decayed 10x over 50 rounds; batch 8 runs 30 rounds
+S=fedavg_sparse_resnet18_cifar10.yaml
+B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
+NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
+MB=(--set model.arch=mobilenetv2); NR=(--set model.arch=resnet_narrow); A16=(--set fl.agc=0.16)
+
 if [ "$PHASE" = sweep ]; then
-  S=fedavg_sparse_resnet18_cifar10.yaml
-  # 1 local epoch, 10 clients a round; lr decays exponentially by 10x over 50 rounds (batch 64)
-  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
-  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.03)
+  B8+=(--set fl.lr=0.03)
   launch r18_bn $S "${B64[@]}" --set model.norm=bn --set fl.lr=0.1
   launch r18_ns $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1
   launch r18_ns_agc04 $S "${B64[@]}" --set model.norm=nsconv --set fl.lr=0.1 --set fl.agc=0.04
@@ -51,11 +55,8 @@ if [ "$PHASE" = sweep ]; then
   launch mb_bn_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=bn
   launch mb_ns_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv
 elif [ "$PHASE" = sweep2 ]; then
-  S=fedavg_sparse_resnet18_cifar10.yaml
-  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.1)
-  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.03)
-  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
-  MB=(--set model.arch=mobilenetv2); NR=(--set model.arch=resnet_narrow)
+  B64+=(--set fl.lr=0.1)
+  B8+=(--set fl.lr=0.03)
   launch r18_bn $S "${B64[@]}" --set model.norm=bn
   launch r18_ns_cal $S "${B64[@]}" "${NS[@]}" "${CAL[@]}"
   launch r18_ns_cal_a5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set model.nsconv.alpha=0.5
@@ -70,10 +71,7 @@ elif [ "$PHASE" = sweep2 ]; then
   launch nr_ns $S "${B64[@]}" "${NR[@]}" "${NS[@]}" "${NOCAL[@]}"
   launch nr_ns_cal $S "${B64[@]}" "${NR[@]}" "${NS[@]}" "${CAL[@]}"
 elif [ "$PHASE" = sweep3 ]; then
-  S=fedavg_sparse_resnet18_cifar10.yaml
-  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955 --set fl.lr=0.1)
-  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
-  MB=(--set model.arch=mobilenetv2)
+  B64+=(--set fl.lr=0.1)
   launch r18_ns_cal_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16
   launch r18_ns_cal_agc04 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.04
   launch r18_ns_cal_a5_agc16 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set model.nsconv.alpha=0.5
@@ -87,11 +85,6 @@ elif [ "$PHASE" = sweep3 ]; then
   launch mb_ns_cal_lr3_agc16 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.16 --set fl.lr=0.3
   launch mb_bn_lr3 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.3
 elif [ "$PHASE" = sweep4 ]; then
-  S=fedavg_sparse_resnet18_cifar10.yaml
-  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
-  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
-  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
-  MB=(--set model.arch=mobilenetv2); A16=(--set fl.agc=0.16)
   launch r18_ns_lr3_a5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
   launch r18_ns_lr3_agc32 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set fl.agc=0.32 --set fl.lr=0.3
   launch r18_ns_lr5 $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.5
@@ -106,11 +99,6 @@ elif [ "$PHASE" = sweep4 ]; then
   launch mb_bn_b8_lr1 $S "${B8[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
 elif [ "$PHASE" = sweep5 ]; then
   # MobileNetV2 with the BN-free ReLU unclipped (sweeps 1-4 clipped it at 6)
-  S=fedavg_sparse_resnet18_cifar10.yaml
-  B64=(--set fl.rounds=50 --set fl.local_epochs=1 --set eval.every=5 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
-  B8=(--set fl.rounds=30 --set fl.local_epochs=1 --set eval.every=5 --set fl.batch_size=8 --set fl.lr_schedule=exp --set fl.lr_decay=0.955)
-  NS=(--set model.norm=nsconv); CAL=(--set model.nsconv.calibrate=true); NOCAL=(--set model.nsconv.calibrate=false)
-  MB=(--set model.arch=mobilenetv2); A16=(--set fl.agc=0.16)
   launch mb_ns_u $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" --set fl.lr=0.1
   launch mb_ns_u_r18recipe $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
   launch mb_ns_u_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" "${A16[@]}" --set fl.lr=0.3

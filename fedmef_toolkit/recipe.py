@@ -285,10 +285,13 @@ def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:
 MAX_RECIPE_BYTES = 1 << 20
 
 
+def _at_line(mark) -> str:
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
 class _RecipeYAMLError(Exception):
     def __init__(self, message: str, mark=None):
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        super().__init__(message + where)
+        super().__init__(message + _at_line(mark))
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -324,8 +327,7 @@ def parse_yaml(text: str, src: str):
     except RecursionError:
         raise UserError("recipe is nested too deeply", src) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
+        where = _at_line(getattr(exc, "problem_mark", None))
         raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', None) or 'cannot parse'}", src) from None
 
 

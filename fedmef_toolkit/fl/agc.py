@@ -26,6 +26,11 @@ def agc_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """Norm of each output row of a matrix or conv kernel; a vector is one unit."""
+    return t.flatten(1).norm(dim=1) if t.dim() > 1 else t.norm().reshape(1)
+
+
 @torch.no_grad()
 def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) -> None:
     """Rescale each weight's .grad in place, unit by unit (no host synchronisation)."""
@@ -33,8 +38,7 @@ def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) 
         g = w.grad
         if g is None:
             continue
-        rows = (lambda t: t.flatten(1)) if w.dim() > 1 else (lambda t: t.reshape(1, -1))
-        w_norm = rows(w).norm(dim=1).clamp_min_(eps)
-        g_norm = rows(g).norm(dim=1).clamp_min_(1e-6)
+        w_norm = _unit_norms(w).clamp_min_(eps)
+        g_norm = _unit_norms(g).clamp_min_(1e-6)
         scale = (w_norm * clip / g_norm).clamp_max_(1.0)
         g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))

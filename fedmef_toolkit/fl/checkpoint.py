@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import UserError
 
@@ -64,22 +65,22 @@ def save_checkpoint(run_dir: Path, model_state: dict, strategy_tensors: dict, st
     write_text_atomic(run_dir / CKPT_STATE, json.dumps(state, indent=1))
 
 
+def _state_from_metadata(meta: dict | None) -> dict | None:
+    return json.loads(meta[STATE_KEY]) if meta and STATE_KEY in meta else None
+
+
 def load_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
     path, spath = run_dir / CKPT, run_dir / CKPT_STATE
     if not path.exists():
         raise UserError("no checkpoint to resume from (checkpoint.safetensors)", str(run_dir))
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        if STATE_KEY in meta:
-            state = json.loads(meta[STATE_KEY])
-        elif spath.exists():  # written by an earlier version: state beside the tensors
-            state = json.loads(spath.read_text())
-        else:
-            raise UserError("checkpoint has no state (round, totals) and checkpoint.json is missing", str(path))
+        with safe_open(str(path), framework="pt") as f:  # tensors and state in one read
+            state = _state_from_metadata(f.metadata())
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if state is None:
+            if not spath.exists():
+                raise UserError("checkpoint has no state (round, totals) and checkpoint.json is missing", str(path))
+            state = json.loads(spath.read_text())  # written by an earlier version: state beside the tensors
         int(state["round"])
     except UserError:
         raise
@@ -93,10 +94,8 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
 def load_checkpoint_round(run_dir: Path) -> int | None:
     """The round of the run's checkpoint, read from its metadata only (None if unreadable)."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(run_dir / CKPT), framework="pt") as f:
-            return int(json.loads((f.metadata() or {})[STATE_KEY])["round"])
+            return int(_state_from_metadata(f.metadata())["round"])
     except Exception:
         return None
 

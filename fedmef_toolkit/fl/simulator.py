@@ -221,7 +221,7 @@ class Simulator:
         """Stop at the first round whose loss or aggregated model is NaN/inf (one host sync):
         nothing of it is checkpointed, so `--resume` after changing nothing would diverge
         again, and the last checkpoint stays the last good state."""
-        state = [v.detach().float() for v in self.model.state_dict().values() if v.is_floating_point()]
+        state = [v.detach() for v in self.model.state_dict().values() if v.is_floating_point()]
         norms = torch.stack(torch._foreach_norm(state)) if state else torch.zeros(1)  # weights and BN statistics
         if math.isfinite(row["train_loss"]) and bool(torch.isfinite(norms).all()):
             return

@@ -39,7 +39,7 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
         if self.use_residual:
-            return x.add(out, alpha=self.alpha) if self.alpha != 1.0 else out + x
+            return x.add(out, alpha=self.alpha)
         return out
 
 

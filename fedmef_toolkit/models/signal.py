@@ -1,6 +1,6 @@
 """Signal-propagation statistics: what each residual block outputs, next to what
 the normalizer-free design predicts (Brock et al. 2021 plot these to debug a
-BN-free network; `benchmarks/signal_stats.py` prints them, tests bound them)."""
+BN-free network; tests/test_signal.py bounds them)."""
 
 from __future__ import annotations
 
