@@ -54,6 +54,22 @@ if [ "$PHASE" = sweep ]; then
   launch r18_ns_b8 $S "${B8[@]}" --set model.norm=nsconv
   launch mb_bn_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=bn
   launch mb_ns_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv
+elif [ "$PHASE" = mbdw ]; then  # MobileNetV2 with uncentred depthwise filters (momentum 0.9)
+  M9=(--set fl.momentum=0.9)
+  launch mb_bn_lr1 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
+  launch mb_bn_lr3 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.3
+  launch mb_bn_m9 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.01 "${M9[@]}"
+  launch mb_ns_m9 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.01 "${M9[@]}"
+  launch mb_ns_m9_lr2 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.02 "${M9[@]}"
+  launch mb_ns_m9_lr2_agc $S "${B64[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.02 "${M9[@]}" "${A16[@]}"
+  launch mb_ns_lr03 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.03
+  launch mb_bn_b8 $S "${B8[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.03
+  launch mb_bn_b8_m9 $S "${B8[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.003 "${M9[@]}"
+  launch mb_ns_b8_m9 $S "${B8[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.003 "${M9[@]}"
+  launch mb_ns_b8_m9_lr1 $S "${B8[@]}" "${MB[@]}" "${NS[@]}" --set fl.lr=0.001 "${M9[@]}"
+  launch r18_bn_b8 $S "${B8[@]}" --set model.norm=bn --set fl.lr=0.03
+  launch r18_bn_b8_m9 $S "${B8[@]}" --set model.norm=bn --set fl.lr=0.003 "${M9[@]}"
+  launch r18_ns_b8_m9 $S "${B8[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set model.nsconv.alpha=0.5 --set fl.lr=0.003 "${M9[@]}"
 elif [ "$PHASE" = sweep2 ]; then
   B64+=(--set fl.lr=0.1)
   B8+=(--set fl.lr=0.03)

@@ -24,7 +24,11 @@ def build_from_description(desc: dict) -> nn.Module:
         from .models import build_from_kwargs
 
         try:
-            return build_from_kwargs(desc["kwargs"])
+            kwargs = dict(desc["kwargs"])
+            # files written before the key existed trained centred depthwise filters
+            if kwargs.get("norm") == "nsconv":
+                kwargs.setdefault("nsconv_center_depthwise", True)
+            return build_from_kwargs(kwargs)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"invalid model description: {exc}") from None
     if kind == "converted":

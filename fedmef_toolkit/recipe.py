@@ -67,6 +67,8 @@ class NSConvSpec:
                       help="residual branch scale of the BN-free blocks: h + alpha * f(h / beta)")
     calibrate: bool = _f(False, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
                                      "variance on its first 256 images and sends the gains (not with model.init)")
+    center_depthwise: bool = _f(False, help="centre depthwise filters too (plain NSConv); false: unit-norm depthwise "
+                                            "filters on a mean-shifted input, which keep low spatial frequencies")
 
 
 @dataclass

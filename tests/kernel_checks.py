@@ -21,27 +21,28 @@ from fedmef_toolkit.sap.packing import keep_count, pack_bits, topk_keep_mask
 def check_standardize(dev):
     gen = torch.Generator().manual_seed(0)
     for shape in [(8, 3, 3, 3), (6, 40, 3, 3), (4, 1100), (5, 2)]:  # 1100: more than one block per row
-        for stats in ("active", "all"):
-            for unbiased in (False, True):
-                for masked in (True, False):
-                    w = torch.randn(shape, generator=gen).to(dev).requires_grad_()
-                    g = (torch.rand(shape[0], generator=gen) + 0.5).to(dev).requires_grad_()
-                    m = None
-                    if masked:
-                        m = (torch.rand(shape, generator=gen) < 0.3).float()
-                        m[0] = 0  # a channel without active entries: w_hat = 0
-                        m[1] = 0
-                        m[1].view(-1)[0] = 1  # one active entry: the eps floor
-                        m = m.to(dev)
-                    ref = standardize_weight_reference(w, g, m, stats, unbiased, 1e-4)
-                    out = standardize_forward(w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4)
-                    what = f"{shape} {stats} unbiased={unbiased} masked={masked}"
-                    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6, msg=what)
-                    gy = torch.randn(shape, generator=gen).to(dev)
-                    dw_ref, dg_ref = torch.autograd.grad(ref, (w, g), gy)
-                    dw, dg = standardize_backward(gy, w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4)
-                    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5, msg=what)
-                    torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=1e-5, msg=what)
+        for stats, unbiased, center in [("active", False, True), ("active", True, True), ("all", False, True),
+                                        ("all", True, True), ("active", False, False)]:
+            for masked in (True, False):
+                w = torch.randn(shape, generator=gen).to(dev).requires_grad_()
+                g = (torch.rand(shape[0], generator=gen) + 0.5).to(dev).requires_grad_()
+                m = None
+                if masked:
+                    m = (torch.rand(shape, generator=gen) < 0.3).float()
+                    m[0] = 0  # a channel without active entries: w_hat = 0
+                    m[1] = 0
+                    m[1].view(-1)[0] = 1  # one active entry: the eps floor
+                    m = m.to(dev)
+                ref = standardize_weight_reference(w, g, m, stats, unbiased, 1e-4, center)
+                out = standardize_forward(w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4, center)
+                what = f"{shape} {stats} unbiased={unbiased} masked={masked} center={center}"
+                torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6, msg=what)
+                gy = torch.randn(shape, generator=gen).to(dev)
+                dw_ref, dg_ref = torch.autograd.grad(ref, (w, g), gy)
+                dw, dg = standardize_backward(gy, w.detach(), g.detach(), m, stats == "active", unbiased, 1e-4,
+                                              center)
+                torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-5, msg=what)
+                torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=1e-5, msg=what)
 
 
 def check_pack_rows(dev):
@@ -166,13 +167,13 @@ def compile_for_hopper() -> list[str]:
         done.append(f"{fn.__name__} {consts}")
 
     rows = {"w_ptr": "*fp32", "m_ptr": "*fp32", "g_ptr": "*fp32"}
+    variants = [(a, u, True) for a in (True, False) for u in (True, False)] + [(True, False, False)]
     for has_mask in (True, False):
-        for active in (True, False):
-            for unbiased in (True, False):
-                c = {"HAS_MASK": has_mask, "ACTIVE": active, "UNBIASED": unbiased, "BLOCK": 1024}
-                build(standardize._standardize_fwd, {**rows, "out_ptr": "*fp32", "fan_in": "i32", "eps": "fp32"}, c)
-                build(standardize._standardize_bwd, {**rows, "gy_ptr": "*fp32", "dw_ptr": "*fp32", "dg_ptr": "*fp32",
-                                                     "fan_in": "i32", "eps": "fp32"}, c)
+        for active, unbiased, center in variants:
+            c = {"HAS_MASK": has_mask, "ACTIVE": active, "UNBIASED": unbiased, "CENTER": center, "BLOCK": 1024}
+            build(standardize._standardize_fwd, {**rows, "out_ptr": "*fp32", "fan_in": "i32", "eps": "fp32"}, c)
+            build(standardize._standardize_bwd, {**rows, "gy_ptr": "*fp32", "dw_ptr": "*fp32", "dg_ptr": "*fp32",
+                                                 "fan_in": "i32", "eps": "fp32"}, c)
     for dt in ("fp32", "bf16"):
         build(packing._count_chunk, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", "above_ptr": "*i32", "ties_ptr": "*i32",
                                      "n": "i32", "chunks": "i32"}, {"CHUNK": 2048})

@@ -29,6 +29,53 @@ def test_zero_mean_unit_norm_over_active_entries(masked, shape):
     assert torch.allclose((w_hat ** 2).sum(1), gain ** 2, rtol=1e-10)  # sum (w-mu)^2 / (n var) = 1
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_uncentred_standardisation_is_unit_norm_and_keeps_the_mean(masked):
+    torch.manual_seed(0)
+    shape = (6, 1, 3, 3)
+    w = torch.randn(shape, dtype=torch.float64) + 1.0
+    gain = torch.rand(6, dtype=torch.float64) + 0.5
+    mask = rand_mask(shape, 0.6) if masked else None
+    if masked:
+        mask.view(6, -1)[:, :2] = True
+    w_hat = standardize_weight(w, gain, mask, center=False)
+    wm = w if mask is None else w * mask
+    ref = wm / wm.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * gain.view(-1, 1, 1, 1)
+    assert torch.allclose(w_hat, ref)
+    assert (w_hat.flatten(1).sum(1).abs() > 1e-3).all()  # the filter's mean is not removed
+
+
+def test_uncentred_gradcheck_and_custom_backward():
+    torch.manual_seed(5)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    mask = rand_mask(w.shape, 0.7, seed=6)
+    mask.view(4, -1)[:, :2] = True
+    for m in (mask, None):
+        assert torch.autograd.gradcheck(lambda a, b: standardize_weight(a, b, m, center=False), (w, g))
+        up = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+        a = torch.autograd.grad((standardize_weight(w, g, m, center=False) * up).sum(), (w, g))
+        b = torch.autograd.grad((standardize_weight_reference(w, g, m, center=False) * up).sum(), (w, g))
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, atol=1e-12)
+
+
+def test_input_mean_shift_is_a_conv_of_the_centred_input():
+    """With input_mean c the layer computes conv(x - c): the input centred, then zero-padded."""
+    torch.manual_seed(2)
+    conv = NSConv2d(5, 5, 3, padding=1, groups=5, center=False, input_mean=0.7).double()
+    x = torch.rand(2, 5, 6, 6, dtype=torch.float64) * 2
+    w = conv.standardized_weight()
+    ref = torch.nn.functional.conv2d(x - 0.7, w, conv.bias, padding=1, groups=5)
+    assert torch.allclose(conv(x), ref)
+    # an input equal to its mean gives the bias alone, at the border too
+    flat = conv(torch.full((1, 5, 6, 6), 0.7, dtype=torch.float64))
+    assert torch.allclose(flat, conv.bias.view(1, -1, 1, 1).expand_as(flat))
+    conv.sap = None
+    (conv(x) ** 2).sum().backward()  # gradients reach weight, gain and bias
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (conv.weight, conv.gain, conv.bias))
+
+
 def test_unbiased_variance_scale():
     w = torch.randn(4, 10, dtype=torch.float64)
     w_hat = standardize_weight(w, torch.ones(4, dtype=torch.float64), unbiased=True)

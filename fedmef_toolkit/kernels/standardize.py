@@ -15,7 +15,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
+def _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, CENTER: tl.constexpr,
+              BLOCK: tl.constexpr):
     """(n, mu): the count the statistics are over and the mean of w (times m) over it."""
     offs = tl.arange(0, BLOCK)
     acc_n = tl.zeros([BLOCK], tl.float32)
@@ -37,12 +38,15 @@ def _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK: tl.constexpr, ACTIVE: tl.con
     else:
         n = tl.sum(acc_all, axis=0)
     mu = tl.sum(acc_w, axis=0) / tl.maximum(n, 1.0)
+    if not CENTER:
+        mu = 0.0
     return n, mu
 
 
 @triton.jit
 def _centered(w_ptr, m_ptr, base, idx, inb, mu, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr):
-    """c = (w - mu) * m with active statistics, w * m - mu over all entries; 0 outside the row."""
+    """c = (w - mu) * m with active statistics, w * m - mu over all entries; 0 outside the row.
+    Uncentred standardisation passes mu = 0 with ACTIVE: c = w * m."""
     w = tl.load(w_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
     if HAS_MASK:
         m = tl.load(m_ptr + base + idx, mask=inb, other=0).to(tl.float32)
@@ -68,11 +72,11 @@ def _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK: tl.co
 
 @triton.jit
 def _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, HAS_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                    ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+                    ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr):
     """(n, mu, s, f, gc) of one row: count, mean, f * sum c^2 with the variance factor f
     (n / (n - 1) when unbiased, else 1), and sum dL/dw_hat * c (0 without HAS_GRAD)."""
     offs = tl.arange(0, BLOCK)
-    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, BLOCK)
+    n, mu = _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK, ACTIVE, CENTER, BLOCK)
     acc_s = tl.zeros([BLOCK], tl.float32)
     acc_gc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, fan_in, BLOCK):
@@ -91,12 +95,13 @@ def _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, HAS_GRAD: tl.constexpr, 
 
 
 @triton.jit
-def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps,
-                     HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr,
+                     UNBIASED: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * fan_in
     offs = tl.arange(0, BLOCK)
-    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, w_ptr, base, fan_in, False, HAS_MASK, ACTIVE, UNBIASED, BLOCK)
+    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, w_ptr, base, fan_in, False, HAS_MASK, ACTIVE, UNBIASED, CENTER,
+                                      BLOCK)
     scale = tl.load(g_ptr + row).to(tl.float32) / tl.sqrt(tl.maximum(s, eps))
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
@@ -109,12 +114,13 @@ def _standardize_fwd(w_ptr, m_ptr, g_ptr, out_ptr, fan_in, eps,
 
 
 @triton.jit
-def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
-                     HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
+def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps, HAS_MASK: tl.constexpr,
+                     ACTIVE: tl.constexpr, UNBIASED: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * fan_in
     offs = tl.arange(0, BLOCK)
-    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, True, HAS_MASK, ACTIVE, UNBIASED, BLOCK)
+    n, mu, s, f, gc = _row_statistics(w_ptr, m_ptr, gy_ptr, base, fan_in, True, HAS_MASK, ACTIVE, UNBIASED, CENTER,
+                                      BLOCK)
     r = 1.0 / tl.sqrt(tl.maximum(s, eps))
     tl.store(dg_ptr + row, gc * r)
     gain = tl.load(g_ptr + row).to(tl.float32)
@@ -135,7 +141,10 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps,
         inb = idx < fan_in
         c, m, gy = _centered_and_grad(w_ptr, m_ptr, gy_ptr, base, idx, inb, mu, HAS_MASK, ACTIVE)
         dw = gain * gy * r - k * c
-        if HAS_MASK and ACTIVE:
+        if not CENTER:
+            if HAS_MASK:
+                dw = dw * m
+        elif HAS_MASK and ACTIVE:
             dw = (dw * m - mean_dc) * m
         elif HAS_MASK:
             dw = (dw - mean_dc) * m
@@ -156,22 +165,27 @@ def _rows(weight: torch.Tensor, mask: torch.Tensor | None):
     return w2, m2, fan_in, min(1024, triton.next_power_of_2(max(fan_in, 16)))
 
 
-def standardize_forward(weight, gain, mask, active: bool, unbiased: bool, eps: float) -> torch.Tensor:
+def _flags(m2, active: bool, unbiased: bool, center: bool) -> dict:
+    # uncentred: c = w * m, which is what ACTIVE computes with mu = 0; no variance factor
+    return {"HAS_MASK": m2 is not None, "ACTIVE": active or m2 is None or not center,
+            "UNBIASED": unbiased and center, "CENTER": center}
+
+
+def standardize_forward(weight, gain, mask, active: bool, unbiased: bool, eps: float,
+                        center: bool = True) -> torch.Tensor:
     w2, m2, fan_in, block = _rows(weight, mask)
     out = torch.empty_like(w2)
     _standardize_fwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, out, fan_in, eps,
-                                     HAS_MASK=m2 is not None, ACTIVE=active or m2 is None, UNBIASED=unbiased,
-                                     BLOCK=block)
+                                     **_flags(m2, active, unbiased, center), BLOCK=block)
     return out.view_as(weight)
 
 
-def standardize_backward(grad, weight, gain, mask, active: bool, unbiased: bool, eps: float):
+def standardize_backward(grad, weight, gain, mask, active: bool, unbiased: bool, eps: float, center: bool = True):
     """(dL/dweight, dL/dgain) given dL/dw_hat."""
     w2, m2, fan_in, block = _rows(weight, mask)
     gy = grad.reshape(w2.shape).contiguous()
     dw = torch.empty_like(w2)
     dg = torch.empty(w2.shape[0], dtype=torch.float32, device=w2.device)
     _standardize_bwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, gy, dw, dg, fan_in, eps,
-                                     HAS_MASK=m2 is not None, ACTIVE=active or m2 is None, UNBIASED=unbiased,
-                                     BLOCK=block)
+                                     **_flags(m2, active, unbiased, center), BLOCK=block)
     return dw.view_as(weight), dg.to(gain.dtype)

@@ -26,10 +26,15 @@ import torch.nn.functional as F
 from ..kernels import use_triton
 
 
-def _stats(w2, m2, stats, unbiased, eps):
+def _stats(w2, m2, stats, unbiased, eps, center=True):
     """Centered weight c, per-channel 1/sqrt(max(n var, eps)) r, the variance factor f
-    and whether the eps floor is active. w2, m2: (out, fan_in); m2 float or None."""
+    and whether the eps floor is active. w2, m2: (out, fan_in); m2 float or None.
+    Without `center`, c is the masked weight itself and r its inverse L2 norm."""
     fan_in = w2.shape[1]
+    if not center:
+        c = w2 if m2 is None else w2 * m2
+        s = (c * c).sum(dim=1, keepdim=True)
+        return c, torch.rsqrt(s.clamp_min(eps)), None, s <= eps
     if m2 is not None and stats == "active":
         n = m2.sum(dim=1, keepdim=True)
         mu = (w2 * m2).sum(dim=1, keepdim=True) / n.clamp_min(1.0)
@@ -55,30 +60,30 @@ class _Standardize(torch.autograd.Function):
     weight-sized intermediates per layer alive until backward."""
 
     @staticmethod
-    def forward(ctx, weight, gain, mask, stats, unbiased, eps):
+    def forward(ctx, weight, gain, mask, stats, unbiased, eps, center):
         ctx.save_for_backward(weight, gain, mask)
-        ctx.conf = (stats, unbiased, eps)
+        ctx.conf = (stats, unbiased, eps, center)
         if use_triton(weight):  # one fused kernel instead of a dozen small ones
             from ..kernels.standardize import standardize_forward
 
-            return standardize_forward(weight, gain, mask, stats == "active", unbiased, eps)
-        return standardize_weight_reference(weight, gain, mask, stats, unbiased, eps)
+            return standardize_forward(weight, gain, mask, stats == "active", unbiased, eps, center)
+        return standardize_weight_reference(weight, gain, mask, stats, unbiased, eps, center)
 
     @staticmethod
     def backward(ctx, grad):
         weight, gain, mask = ctx.saved_tensors
-        stats, unbiased, eps = ctx.conf
+        stats, unbiased, eps, center = ctx.conf
         if use_triton(weight):
             from ..kernels.standardize import standardize_backward
 
-            dw, dg = standardize_backward(grad, weight, gain, mask, stats == "active", unbiased, eps)
-            return dw, dg, None, None, None, None
+            dw, dg = standardize_backward(grad, weight, gain, mask, stats == "active", unbiased, eps, center)
+            return dw, dg, None, None, None, None, None
         out_ch = weight.shape[0]
         w2 = weight.reshape(out_ch, -1)
         m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
-        c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
+        c, r, f, floored = _stats(w2, m2, stats, unbiased, eps, center)
         g2 = grad.reshape(out_ch, -1).to(w2.dtype)
-        active_masked = m2 is not None and stats == "active"
+        active_masked = m2 is not None and (stats == "active" or not center)
         if m2 is not None and not active_masked:
             g2 = g2 * m2  # with active statistics c is already 0 where pruned, and dc is masked below
         grad_gain = (g2 * c).sum(dim=1) * r.squeeze(1)
@@ -87,7 +92,9 @@ class _Standardize(torch.autograd.Function):
         # d r / d c_j = -f r^3 c_j (zero where the eps floor holds r constant)
         k = r ** 3 * uc if f is None else f * r ** 3 * uc
         dc = u * r - torch.where(floored, torch.zeros_like(r), k) * c
-        if active_masked:
+        if not center:  # c = w * m: no mean to differentiate through
+            dw = dc if m2 is None else dc * m2
+        elif active_masked:
             n = m2.sum(dim=1, keepdim=True).clamp_min(1.0)
             dc = dc * m2
             dw = (dc - (dc.sum(dim=1, keepdim=True) / n)) * m2
@@ -95,7 +102,7 @@ class _Standardize(torch.autograd.Function):
             dw = dc - dc.mean(dim=1, keepdim=True)
             if m2 is not None:
                 dw = dw * m2
-        return dw.reshape_as(weight), grad_gain.to(gain.dtype), None, None, None, None
+        return dw.reshape_as(weight), grad_gain.to(gain.dtype), None, None, None, None, None
 
 
 def standardize_weight(
@@ -105,27 +112,30 @@ def standardize_weight(
     stats: str = "active",
     unbiased: bool = False,
     eps: float = 1e-4,
+    center: bool = True,
 ) -> torch.Tensor:
     """Return g * (w - mu) / sqrt(max(n * var, eps)) * m, per output channel.
 
     stats="active": mu and var over the active entries (the paper's form);
     stats="all": over all fan-in entries, zeros included, then masked (the
     authors' final research variant). `unbiased` uses n - 1 in the variance.
+    center=False: g * w * m / sqrt(max(sum (w m)^2, eps)), unit norm without
+    the mean (`stats` and `unbiased` do not apply).
     """
     if stats not in ("active", "all"):
         raise ValueError(f"stats must be 'active' or 'all', got {stats!r}")
-    return _Standardize.apply(weight, gain, mask, stats, unbiased, eps)
+    return _Standardize.apply(weight, gain, mask, stats, unbiased, eps, center)
 
 
-def standardize_weight_reference(weight, gain, mask=None, stats="active", unbiased=False, eps=1e-4):
+def standardize_weight_reference(weight, gain, mask=None, stats="active", unbiased=False, eps=1e-4, center=True):
     """The map in plain tensor ops: the forward of the custom function, and (differentiated
     by autograd) the reference its hand-written backward is tested against."""
     out_ch = weight.shape[0]
     w2 = weight.reshape(out_ch, -1)
     m2 = None if mask is None else mask.reshape(out_ch, -1).to(w2.dtype)
-    c, r, f, floored = _stats(w2, m2, stats, unbiased, eps)
+    c, r, f, floored = _stats(w2, m2, stats, unbiased, eps, center)
     w_hat = c * (r * gain.reshape(out_ch, 1))  # per-channel factor first: one full-size multiply
-    if m2 is not None and stats == "all":  # with active statistics c is already 0 where pruned
+    if m2 is not None and stats == "all" and center:  # with active statistics c is already 0 where pruned
         w_hat = w_hat * m2
     return w_hat.reshape_as(weight)
 
@@ -138,7 +148,8 @@ class NSConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, stats: str = "active", unbiased: bool = False, eps: float = 1e-4):
+                 bias=True, stats: str = "active", unbiased: bool = False, eps: float = 1e-4, center: bool = True,
+                 input_mean: float = 0.0):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         if stats not in ("active", "all"):
             raise ValueError(f"stats must be 'active' or 'all', got {stats!r}")
@@ -146,11 +157,13 @@ class NSConv2d(nn.Conv2d):
         self.stats = stats
         self.unbiased = unbiased
         self.eps = eps
+        self.center = center
+        self.input_mean = input_mean
         self.sap = None  # set by fedmef_toolkit.sap.enable_sap
 
     def standardized_weight(self) -> torch.Tensor:
         mask = getattr(self, "weight_mask", None)
-        return standardize_weight(self.weight, self.gain, mask, self.stats, self.unbiased, self.eps)
+        return standardize_weight(self.weight, self.gain, mask, self.stats, self.unbiased, self.eps, self.center)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.standardized_weight()
@@ -159,9 +172,20 @@ class NSConv2d(nn.Conv2d):
         if self.sap is not None and self.training and torch.is_grad_enabled():
             from ..sap.functions import sap_conv2d
 
-            return sap_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sap,
-                              recompute_weight=self.standardized_weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = sap_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sap,
+                           recompute_weight=self.standardized_weight)
+        else:
+            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.input_mean:
+            y = y - self.input_mean * self._response_to_ones(x, w)
+        return y
+
+    def _response_to_ones(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """conv(ones) for one image: with it, conv(x) - c * conv(ones) = conv(x - c), the
+        input centred by its expected mean c and zero-padded. An uncentred filter would
+        otherwise pass the (positive) mean of a ReLU's output on to the next layer."""
+        ones = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return F.conv2d(ones, w.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
 
     def _accumulate_effective_grad(self, grad: torch.Tensor) -> None:
         # Growth needs dL/dw_hat (dense), not dL/dw (zero at pruned entries).
@@ -169,4 +193,7 @@ class NSConv2d(nn.Conv2d):
         self._effective_grad = grad.detach().clone() if prev is None else prev + grad.detach()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", stats={self.stats}, unbiased={self.unbiased}, eps={self.eps}"
+        text = super().extra_repr() + f", stats={self.stats}, unbiased={self.unbiased}, eps={self.eps}"
+        if not self.center:
+            text += f", center=False, input_mean={self.input_mean:.4f}"
+        return text

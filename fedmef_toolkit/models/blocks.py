@@ -22,6 +22,10 @@ import math
 import torch.nn as nn
 
 from ..layers import NSConv2d, ScaledReLU
+from ..layers.activations import RELU_GAIN
+
+#: mean of the scaled ReLU's output for a unit-variance Gaussian input: gain / sqrt(2 pi)
+SCALED_RELU_MEAN = RELU_GAIN / math.sqrt(2.0 * math.pi)
 
 #: residual branch scale of the BN-free models (NF-ResNets use 0.2)
 DEFAULT_ALPHA = 0.2
@@ -29,7 +33,7 @@ DEFAULT_ALPHA = 0.2
 
 class NormPolicy:
     def __init__(self, norm: str = "bn", stats: str = "active", unbiased: bool = False, eps: float = 1e-4,
-                 alpha: float = DEFAULT_ALPHA):
+                 alpha: float = DEFAULT_ALPHA, center_depthwise: bool = False):
         if norm not in ("bn", "nsconv"):
             raise ValueError(f"norm must be 'bn' or 'nsconv', got {norm!r}")
         if not 0.0 < alpha <= 1.0:
@@ -37,6 +41,7 @@ class NormPolicy:
         self.norm = norm
         self.alpha = alpha
         self.nsconv_kwargs = {"stats": stats, "unbiased": unbiased, "eps": eps}
+        self.center_depthwise = center_depthwise
 
     @property
     def normfree(self) -> bool:
@@ -52,6 +57,22 @@ class NormPolicy:
         if self.norm == "nsconv":
             return NSConv2d(cin, cout, k, stride, pad, groups=groups, bias=True, **self.nsconv_kwargs)
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+    def depthwise(self, channels: int, stride: int = 1) -> nn.Module:
+        """A 3x3 depthwise conv whose input is a (scaled) ReLU's output.
+
+        BN-free, a zero-mean 3x3 filter of one channel is a high-pass filter: it
+        deletes each image's local mean, so whatever a block learns at low spatial
+        frequency is lost (BatchNorm after a depthwise conv subtracts one mean per
+        channel instead). So BN-free depthwise filters are standardised to unit
+        norm without centring, and the ReLU's expected mean is taken off their
+        input instead (folded into the bias, see `NSConv2d.effective_bias`).
+        `center_depthwise=True` gives the plain NSConv of SPEC section 4.
+        """
+        if self.norm == "nsconv" and not self.center_depthwise:
+            return NSConv2d(channels, channels, 3, stride, 1, groups=channels, bias=True, center=False,
+                            input_mean=SCALED_RELU_MEAN, **self.nsconv_kwargs)
+        return self.conv(channels, channels, 3, stride, groups=channels)
 
     def act(self, relu6: bool = False, input_scale: float = 1.0) -> nn.Module:
         """The activation; without BN a ReLU scaled to keep unit variance, whose input is

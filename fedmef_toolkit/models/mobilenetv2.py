@@ -31,7 +31,7 @@ class InvertedResidual(nn.Module):
         if expansion != 1:
             layers += [policy.conv(cin, hidden, 1), policy.act(relu6=True, input_scale=first)]
             first = 1.0
-        layers += [policy.conv(hidden, hidden, 3, stride, groups=hidden), policy.act(relu6=True, input_scale=first),
+        layers += [policy.depthwise(hidden, stride), policy.act(relu6=True, input_scale=first),
                    policy.conv(hidden, cout, 1)]
         self.block = nn.Sequential(*layers)
         self.alpha = tracker.alpha if self.use_residual else 1.0
