@@ -36,9 +36,10 @@ def _recipe_file(tmp_path, name, **over):
 
 
 def test_checkpoint_state_travels_with_the_tensors(tmp_path):
-    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"s": torch.zeros(2)}, {"round": 4, "totals": {}})
+    totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"s": torch.zeros(2)}, {"round": 4, "totals": totals})
     # a kill between the two files used to leave a stale checkpoint.json: it no longer matters
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"round": 3, "totals": {}}))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"round": 3, "totals": totals}))
     model, strat, state = load_checkpoint(tmp_path)
     assert state["round"] == 4 and torch.equal(model["w"], torch.ones(3)) and set(strat) == {"s"}
     (tmp_path / "checkpoint.json").unlink()
