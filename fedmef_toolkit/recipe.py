@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .storage import check_path_text
 
 
 def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
@@ -37,7 +38,7 @@ def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
 
 @dataclass
 class SyntheticSpec:
-    num_samples: int = _f(4000, lo=20, help="training + validation images generated")
+    num_samples: int = _f(4000, lo=20, hi=10_000_000, help="training + validation images generated")
     num_classes: int = _f(10, lo=2, hi=1000)
     image_size: int = _f(16, lo=8, hi=256)
     noise: float = _f(0.35, lo=0.0, hi=5.0, help="pixel noise relative to the class pattern")
@@ -203,6 +204,8 @@ def _coerce(value, tp, where: str, src: str):
             return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise UserError(f"{where}: contains a NUL byte", src)
             return value
     raise UserError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", src)
 
@@ -270,10 +273,23 @@ def _check_consistency(r: Recipe, src: str) -> None:
         raise UserError(
             f"method.sparsity.t_end ({sp.t_end}) < delta_t ({sp.delta_t}): no mask adjustment would ever run", src
         )
+    for where, text, name_only in (("output.dir", r.output.dir, False), ("output.name", r.output.name, True),
+                                   ("name", r.name, True), ("data.root", r.data.root, False),
+                                   ("data.cache_dir", r.data.cache_dir, False), ("model.init", r.model.init, False)):
+        problem = check_path_text(text, where, name_only) if text is not None else None
+        if problem:
+            raise UserError(problem, src)
+    s = r.data.synthetic
+    if r.data.dataset == "synthetic" and s.num_samples * 3 * s.image_size**2 > MAX_SYNTHETIC_BYTES:
+        raise UserError(f"data.synthetic: {s.num_samples} images of {s.image_size}x{s.image_size} take "
+                        f"{s.num_samples * 3 * s.image_size**2:,} bytes, more than {MAX_SYNTHETIC_BYTES:,}", src)
     if r.model.init and not Path(r.model.init).expanduser().exists():
         raise UserError(f"model.init: file not found: {r.model.init}", src)
     if r.data.root and not r.data.download and not Path(r.data.root).expanduser().exists():
         raise UserError(f"data.root: not found: {r.data.root}", src)
+
+
+MAX_SYNTHETIC_BYTES = 1 << 30  # uint8 images (4x that as floats while they are generated)
 
 
 def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:

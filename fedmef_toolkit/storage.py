@@ -30,11 +30,12 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError, brief
+
+if TYPE_CHECKING:
+    import torch
 
 HASH_KEY = "fedmef_sha256"
 MAX_PATH_BYTES = 4000  # below PATH_MAX (4096), leaving room for the files inside a run directory
@@ -95,12 +96,14 @@ def fault_point(stage: str, path: Path) -> None:
 # -- content hash -------------------------------------------------------------------------
 
 
-def _raw_bytes(t: torch.Tensor):
+def _raw_bytes(t: "torch.Tensor"):
+    import torch
+
     t = t.detach().cpu().contiguous().reshape(-1)
     return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
-def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def content_hash(tensors: "dict[str, torch.Tensor]", metadata: dict[str, str]) -> str:
     """SHA-256 over the metadata (but the hash itself) and every tensor's name, dtype, shape
     and bytes: any change of a stored value, shape or metadata entry changes it."""
     h = hashlib.sha256()
@@ -112,7 +115,7 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return h.hexdigest()
 
 
-def verify_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> bool:
+def verify_hash(tensors: "dict[str, torch.Tensor]", metadata: dict[str, str], source: str) -> bool:
     """True when the file carries a hash and it matches; False when it carries none (files
     written before hashes existed are accepted); a UserError when it does not match."""
     stored = metadata.get(HASH_KEY)
@@ -178,7 +181,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     replace_bytes(Path(path), text.encode())
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(path: Path, tensors: "dict[str, torch.Tensor]", metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file whose metadata carries its content hash."""
     from safetensors.torch import save
 
@@ -216,7 +219,7 @@ def truncate_to(path: Path, size: int) -> None:
 # -- reading ------------------------------------------------------------------------------
 
 
-def read_safetensors_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
+def read_safetensors_verified(path: Path) -> "tuple[dict[str, torch.Tensor], dict[str, str], bool]":
     """(tensors, metadata, hash checked) of a safetensors file, in one open; a damaged file,
     or one whose content hash does not match, is a one-line UserError."""
     from safetensors import safe_open
@@ -250,6 +253,36 @@ def check_path_text(text: str, where: str, name_only: bool = False) -> str | Non
     if not name_only and any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in text.split("/")):
         return f"{where}: a path component is longer than 255 bytes"
     return None
+
+
+def new_run_dir(parent: Path, name: str | None, default_base: str) -> Path:
+    """Create a run directory under `parent`: `name`, or `default_base` with `-2`, `-3`...
+    when runs start in the same second. A new run never writes into an existing directory
+    (an existing `name` is refused) and mkdir is atomic, so concurrent runs cannot share one."""
+    for what, text in (("output.dir", str(parent)), ("output.name", name or default_base)):
+        problem = check_path_text(text, what, name_only=what == "output.name")
+        if problem:
+            raise UserError(problem)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if name:
+            run_dir = parent / name
+            try:
+                run_dir.mkdir()
+            except FileExistsError:
+                raise UserError("run directory already exists; continue it with `fedmef train --resume "
+                                f"{run_dir}` or pick another output.name", str(run_dir)) from None
+            return run_dir
+        for i in range(1, 1000):
+            run_dir = parent / (default_base if i == 1 else f"{default_base}-{i}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise io_error(exc, parent, "cannot create the run directory") from None
+    raise UserError("too many runs with the same name in this second", str(parent))
 
 
 def check_output_file(path: Path) -> None:

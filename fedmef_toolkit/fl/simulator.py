@@ -120,10 +120,14 @@ class Simulator:
             return build_from_description(self.arch_desc)
         from ..export.io import read_model_file
 
-        state, desc = read_model_file(init)
-        if desc is not None and desc.get("kind") == "converted":
+        state, desc = read_model_file(init)  # hash, schema and size checked
+        if desc is not None and desc["kind"] == "converted":
+            from ..architecture import build_for_state
+
             self.arch_desc = desc
-        model = build_from_description(self.arch_desc)
+            model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, init)
+        else:
+            model = build_from_description(self.arch_desc)
         load_init_weights(model, state, init)
         return model
 
