@@ -12,8 +12,8 @@ import click
 from rich.markup import escape
 
 from fedmef_toolkit.errors import UserError
-from fedmef_toolkit.recipe import load_recipe
-from fedmef_toolkit.storage import StorageError, new_run_dir
+from fedmef_toolkit.recipe import load_recipe, recipe_to_yaml
+from fedmef_toolkit.storage import StorageError, new_run_dir, write_text_atomic
 
 from .common import console, err_console, user_errors
 
@@ -44,7 +44,8 @@ def train(recipe_name, overrides, resume_dir, no_progress):
             raise UserError("--resume takes the recipe saved in the run directory; drop --recipe/--set")
         recipe_file = resume_dir / "recipe.yaml"
         if not recipe_file.is_file():
-            raise UserError("not a run directory (no recipe.yaml)", str(resume_dir))
+            raise UserError("not a run directory (no recipe.yaml; a run killed as it was created has none: "
+                            "remove it and start again)", str(resume_dir))
         recipe = load_recipe(str(recipe_file))
         run_dir = resume_dir
     else:
@@ -52,13 +53,18 @@ def train(recipe_name, overrides, resume_dir, no_progress):
             raise UserError("give --recipe FILE (or a bundled recipe name), or --resume RUN_DIR")
         recipe = load_recipe(recipe_name, list(overrides))
         run_dir = _new_run_dir(recipe)
+        try:  # first, so that a run killed from here on can be resumed
+            write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     err_console.print(f"[bold]fedmef[/] {recipe.method.name} | {recipe.model.arch}/{recipe.model.norm} | "
                       f"{recipe.data.dataset} | run dir {escape(str(run_dir))}", highlight=False)
     try:
         sim = Simulator(recipe, run_dir, console=err_console, show_progress=not no_progress)
     except BaseException:
-        if resume_dir is None and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nothing was written: leave no empty run directory behind
+        if resume_dir is None and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was run: leave no run directory behind
         raise
     if sim.calibration and resume_dir is None:
         f = list(sim.calibration.values())

@@ -145,11 +145,11 @@ def build_from_description(desc: dict, source: str | None = None) -> nn.Module:
         raise UserError(f"invalid model description: cannot build it ({brief(exc, 160)})", source) from None
 
 
-def build_for_state(desc: dict, shapes: dict[str, tuple], source: str | None = None,
-                    ignore_suffix: str = "weight_mask") -> nn.Module:
-    """Build the described model only if its state dict matches `shapes` (the tensors the
-    file holds; names ending in `ignore_suffix` are the file's masks): the model is built on
-    the meta device first, so a description can never make us allocate more than the file."""
+def check_fits(desc: dict, shapes: dict[str, tuple], source: str | None = None,
+               ignore_suffix: str = "weight_mask") -> None:
+    """Refuse (one line) a description whose model's state dict differs from `shapes`, the
+    tensors the file holds (names ending in `ignore_suffix` are the file's masks). The model
+    is built on the meta device: this allocates nothing."""
     with torch.device("meta"):
         ghost = build_from_description(desc, source)
     own = {k: tuple(v.shape) for k, v in ghost.state_dict().items()}
@@ -162,6 +162,12 @@ def build_for_state(desc: dict, shapes: dict[str, tuple], source: str | None = N
     if bad:
         raise UserError(f"tensors do not fit the described architecture: {bad[0]} has shape {list(theirs[bad[0]])}, "
                         f"the architecture needs {list(own[bad[0]])}", source)
+
+
+def build_for_state(desc: dict, shapes: dict[str, tuple], source: str | None = None) -> nn.Module:
+    """Build the described model only if it fits `shapes` (`check_fits`): a description can
+    never make us allocate more than the file's own tensors."""
+    check_fits(desc, shapes, source)
     return build_from_description(desc, source)
 
 

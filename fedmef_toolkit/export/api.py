@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..architecture import parse_description
+from ..architecture import check_fits, parse_description
 from ..errors import UserError, brief
 from ..sparse.masks import MASK_SUFFIX
 from ..storage import HASH_KEY, check_output_file, read_safetensors_verified, save_safetensors
@@ -109,14 +109,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
 
 def inspect_file(path: str | Path) -> dict:
-    """Per-tensor layout, shape, density and bytes, plus the metadata. A sparse file is
-    fully validated first, so a damaged one is reported rather than listed. `hash` says
+    """Per-tensor layout, shape, density and bytes, plus the metadata. A file is fully
+    validated first (content hash, sparse layout, architecture description against its
+    tensors), so a damaged one is reported rather than listed. `hash` says
     whether the content hash was checked ("verified") or the file has none ("absent":
     written before hashes existed; such files are accepted)."""
     tensors, meta, verified = read_safetensors_verified(Path(path))
     rows = []
+    state = densify(tensors, meta, str(path)) if meta.get("format") == FORMAT else tensors
+    if "fedmef_arch" in meta:  # the description must rebuild a model these tensors fit
+        check_fits(parse_description(meta["fedmef_arch"], str(path)),
+                   {k: tuple(v.shape) for k, v in state.items()}, str(path))
     if meta.get("format") == FORMAT:
-        densify(tensors, meta, str(path))
         layout = json.loads(meta["layout"])
         for name, info in layout.items():
             parts = [f"{name}.{p}" for p in ("values", "col_indices", "crow_indices")] if info["layout"] == "csr" else [name]

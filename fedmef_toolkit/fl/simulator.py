@@ -30,7 +30,7 @@ from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
 from ..storage import append_line, io_error, truncate_to, write_text_atomic
-from .checkpoint import load_checkpoint, load_checkpoint_round, save_checkpoint, save_model
+from .checkpoint import CKPT, load_checkpoint, load_checkpoint_round, save_checkpoint, save_model
 from .client import ClientData, ClientTrainer
 from .engine import ENGINES
 from .evaluate import evaluate
@@ -163,6 +163,10 @@ class Simulator:
             "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
 
     def resume(self) -> None:
+        metrics = self.run_dir / "metrics.jsonl"
+        if not (self.run_dir / CKPT).exists() and not (metrics.exists() and metrics.stat().st_size):
+            self.write_run_files()  # killed before its round-0 checkpoint: nothing to lose, start over
+            return
         model_state, strat, state = load_checkpoint(self.run_dir)
         if state.get("recipe_digest") != self.recipe.digest():
             raise UserError("checkpoint was written by a different recipe; refusing to mix them", str(self.run_dir))
@@ -179,7 +183,6 @@ class Simulator:
                             str(self.run_dir)) from None
         self.start_round = int(state["round"])
         self.totals = state["totals"]
-        metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():  # cut rounds logged after the checkpoint (and a torn line) off the end
             try:
                 keep = committed_length(metrics, self.start_round)
