@@ -51,9 +51,9 @@ class DataSpec:
     download: bool = _f(False, help="cifar10 only: download into root if missing")
     cache_dir: str | None = _f(None, help="decoded uint8 cache (default ~/.cache/fedmef)")
     partition: str = _f("dirichlet", choices=["iid", "dirichlet"])
-    alpha: float = _f(0.5, lo=0.0, lo_open=True, help="Dirichlet concentration")
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, hi=1e6, help="Dirichlet concentration")
     num_clients: int = _f(100, lo=1, hi=1_000_000)
-    min_samples: int = _f(10, lo=1, help="minimum training samples per client")
+    min_samples: int = _f(10, lo=1, hi=1_000_000, help="minimum training samples per client")
     val_split: float = _f(0.1, lo=0.0, hi=0.9, help="fraction of training data held out for validation when no test split is used")
     augment: bool = _f(True, help="random crop (pad 4) + horizontal flip on the device")
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
@@ -63,7 +63,7 @@ class DataSpec:
 class NSConvSpec:
     stats: str = _f("active", choices=["active", "all"], help="standardise over active entries or all entries then mask")
     unbiased: bool = _f(False)
-    eps: float = _f(1e-4, lo=0.0, lo_open=True)
+    eps: float = _f(1e-4, lo=0.0, lo_open=True, hi=1.0)
     alpha: float = _f(0.2, lo=0.0, lo_open=True, hi=1.0,
                       help="residual branch scale of the BN-free blocks: h + alpha * f(h / beta)")
     calibrate: bool = _f(False, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
@@ -91,7 +91,7 @@ class FLSpec:
     lr_schedule: str = _f("constant", choices=["constant", "cosine", "exp"], help="over rounds")
     lr_decay: float = _f(0.998, lo=0.0, lo_open=True, hi=1.0, help="per-round factor for lr_schedule: exp")
     momentum: float = _f(0.0, lo=0.0, hi=0.999)
-    weight_decay: float = _f(5e-4, lo=0.0, help="on conv and linear weights only (not on biases, gains, norms)")
+    weight_decay: float = _f(5e-4, lo=0.0, hi=1.0, help="on conv and linear weights only (not on biases, gains, norms)")
     agc: float = _f(0.0, lo=0.0, hi=10.0,
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
     engine: str = _f("sequential", choices=["sequential"])
@@ -102,8 +102,8 @@ class SparsitySpec:
     density: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0)
     distribution: str = _f("erk", choices=["erk", "uniform"])
     init: str = _f("random", choices=["random", "magnitude"])
-    delta_t: int = _f(10, lo=1, help="rounds between mask adjustments")
-    t_end: int = _f(300, lo=1, help="last round with a mask adjustment")
+    delta_t: int = _f(10, lo=1, hi=1_000_000, help="rounds between mask adjustments")
+    t_end: int = _f(300, lo=1, hi=1_000_000, help="last round with a mask adjustment")
     alpha: float = _f(0.2, lo=0.0, hi=1.0, help="initial adjustment fraction (cosine-annealed)")
     grow_grad: str = _f("batch", choices=["batch", "full"], help="client gradient for growth: one batch or all local data")
 
@@ -111,12 +111,12 @@ class SparsitySpec:
 @dataclass
 class BaESpec:
     enabled: bool = _f(True)
-    rounds: int = _f(1, lo=1, help="rounds ending with an adjustment round that run extrusion")
-    lam: float = _f(0.01, lo=0.0)
+    rounds: int = _f(1, lo=1, hi=1_000_000, help="rounds ending with an adjustment round that run extrusion")
+    lam: float = _f(0.01, lo=0.0, hi=1e6)
     penalty: str = _f("l2sq", choices=["l2sq", "l2"], help="lambda*||theta_low||^2 (paper) or unsquared (authors' code)")
     sigmoid_norm: str = _f("l2", choices=["l2", "l1"])
-    max_lr: float | None = _f(None, lo=0.0, lo_open=True)
-    psi: float = _f(1.0, lo=0.0)
+    max_lr: float | None = _f(None, lo=0.0, lo_open=True, hi=100.0)
+    psi: float = _f(1.0, lo=0.0, hi=1e6)
 
 
 @dataclass
@@ -136,8 +136,8 @@ class MethodSpec:
 
 @dataclass
 class EvalSpec:
-    every: int = _f(1, lo=1, help="evaluate the global model every n rounds (and at the last)")
-    batch_size: int = _f(512, lo=1)
+    every: int = _f(1, lo=1, hi=1_000_000, help="evaluate the global model every n rounds (and at the last)")
+    batch_size: int = _f(512, lo=1, hi=65_536)
     split: str = _f("val", choices=["val", "test"], help="held-out part of the training data, or the data set's test split")
 
 
@@ -145,7 +145,7 @@ class EvalSpec:
 class OutputSpec:
     dir: str = _f("runs")
     name: str | None = _f(None, help="run directory name (default: recipe name + time)")
-    checkpoint_every: int = _f(10, lo=1)
+    checkpoint_every: int = _f(10, lo=1, hi=1_000_000)
     memory_report: bool = _f(True, help="write memory.json at the start of training")
 
 
