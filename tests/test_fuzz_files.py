@@ -265,20 +265,17 @@ def test_thousand_corrupted_files_give_one_line_errors_in_bounded_memory(tmp_pat
 
 
 def test_a_few_corrupted_files_through_the_cli(tmp_path):
-    import shutil
-
     base = make_base_files(tmp_path)
     rng = random.Random(1)
     cli = [sys.executable, "-m", "fedmef_toolkit.cli.main"]
-    for i, kind in enumerate(["flip", "layout", "arch"]):
+    for i, (kind, command) in enumerate([("layout", "inspect"), ("arch", "eval"), ("flip", "eval")]):
         path = tmp_path / f"bad{i}.safetensors"
         path.write_bytes(corrupt(kind, base["sparse"].read_bytes(), base["sparse"], rng))
-        shutil.copyfile(path, tmp_path / "copy.safetensors")
-        for args in (["inspect", str(path)], ["eval", str(path), "--recipe", str(tmp_path / "eval.yaml")]):
-            proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120,
-                                  env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-            assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
+        args = [command, str(path)] + (["--recipe", str(tmp_path / "eval.yaml")] if command == "eval" else [])
+        proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
 
 
 if __name__ == "__main__":
