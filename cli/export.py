@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 import torch
+from rich.markup import escape
 from rich.table import Table
 
-from fedmef_toolkit.errors import UserError
+from fedmef_toolkit.errors import UserError, brief
 
 from .common import console, user_errors
 
@@ -29,6 +30,8 @@ def export(source, fmt, dtype, out):
         raise UserError("not found", str(source))
     base = source if source.is_dir() else source.parent
     out = out or base / ("model.sparse.safetensors" if fmt == "sparse-safetensors" else "model.dense.safetensors")
+    if out.resolve() == (source if source.is_file() else source / "model.safetensors").resolve():
+        raise UserError("the output would replace the source; give another -o", str(out))
     t0 = time.perf_counter()
     s = export_model(source, out, fmt, dtype)
     dt = time.perf_counter() - t0
@@ -49,16 +52,19 @@ def inspect(file, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
-    table = Table(title=f"{file} ({info['bytes'] / 2**20:.2f} MiB)")
+    table = Table(title=escape(f"{file} ({info['bytes'] / 2**20:.2f} MiB)"))
     for col in ["tensor", "layout", "shape", "dtype", "density", "bytes"]:
         table.add_column(col, justify="right" if col in ("density", "bytes") else "left")
-    for r in info["tensors"]:
-        table.add_row(r["name"], r["layout"], "x".join(map(str, r["shape"])), r["stored_dtype"], f"{r['density']:.3f}",
-                      f"{r['bytes']:,}")
+    for r in info["tensors"]:  # names and metadata come from the file: never rich markup
+        table.add_row(escape(r["name"]), r["layout"], "x".join(map(str, r["shape"])), r["stored_dtype"],
+                      f"{r['density']:.3f}", f"{r['bytes']:,}")
     console.print(table)
+    console.print(f"[bold]content hash[/]: {info['hash']}"
+                  + (" (written before content hashes; not checked)" if info["hash"] == "absent" else ""),
+                  highlight=False)
     for key, value in info["metadata"].items():
         if key != "layout":
-            console.print(f"[bold]{key}[/]: {value}", highlight=False, soft_wrap=True)
+            console.print(f"[bold]{escape(key)}[/]: {escape(value)}", highlight=False, soft_wrap=True)
 
 
 @click.command(name="eval")
@@ -91,11 +97,18 @@ def eval_cmd(file, recipe_name, dataset, root, split, val_split, device, batch_s
         spec, seed = DataSpec(dataset=dataset, root=root, val_split=val_split), 0
     else:
         raise UserError("give --recipe, or --dataset (and --root)")
+    if not 1 <= batch_size <= 65_536:
+        raise UserError(f"--batch-size must be from 1 to 65536, got {batch_size}")
+    if not 0.0 < val_split <= 0.9:
+        raise UserError(f"--val-split must be in (0, 0.9], got {val_split}")
     dev = resolve_device(device)
     model = load_model(file, dev)
     data = load_data(spec, split, seed)
-    with torch.no_grad():
-        outputs = model(data.eval_x[:1].to(dev).float()).shape[-1]
+    try:
+        with torch.no_grad():
+            outputs = model(data.eval_x[:1].to(dev).float()).shape[-1]
+    except RuntimeError as exc:
+        raise UserError(f"the model cannot run on this data set's images ({brief(exc)})", str(file)) from None
     if outputs != data.num_classes:
         raise UserError(f"the model has {outputs} outputs but the data set has {data.num_classes} classes", str(file))
     mean, std = data.channel_stats()

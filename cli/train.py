@@ -2,45 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from fedmef_toolkit.errors import UserError
-from fedmef_toolkit.recipe import load_recipe
+from fedmef_toolkit.recipe import load_recipe, recipe_to_yaml
+from fedmef_toolkit.storage import StorageError, new_run_dir, write_text_atomic
 
 from .common import console, err_console, user_errors
 
 
 def _new_run_dir(recipe) -> Path:
-    """Create the run directory; a new run never writes into an existing one. Without
-    `output.name` the directory is `<recipe name>-<time>`, with `-2`, `-3`... when two runs
-    start in the same second (mkdir is atomic, so concurrent runs cannot share one)."""
-    parent = Path(recipe.output.dir).expanduser()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        if recipe.output.name:
-            run_dir = parent / recipe.output.name
-            try:
-                run_dir.mkdir()
-            except FileExistsError:
-                raise UserError("run directory already exists; continue it with `fedmef train --resume "
-                                f"{run_dir}` or pick another output.name", str(run_dir)) from None
-            return run_dir
-        base = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        for i in range(1, 1000):
-            run_dir = parent / (base if i == 1 else f"{base}-{i}")
-            try:
-                run_dir.mkdir()
-                return run_dir
-            except FileExistsError:
-                continue
-    except OSError as exc:
-        raise UserError(f"cannot create the run directory: {exc.strerror or exc}", str(parent)) from None
-    raise UserError("too many runs with the same name in this second", str(parent))
+    """Create the recipe's run directory (`fedmef_toolkit.storage.new_run_dir`)."""
+    return new_run_dir(Path(recipe.output.dir).expanduser(), recipe.output.name,
+                       f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -63,7 +44,8 @@ def train(recipe_name, overrides, resume_dir, no_progress):
             raise UserError("--resume takes the recipe saved in the run directory; drop --recipe/--set")
         recipe_file = resume_dir / "recipe.yaml"
         if not recipe_file.is_file():
-            raise UserError("not a run directory (no recipe.yaml)", str(resume_dir))
+            raise UserError("not a run directory (no recipe.yaml; a run killed as it was created has none: "
+                            "remove it and start again)", str(resume_dir))
         recipe = load_recipe(str(recipe_file))
         run_dir = resume_dir
     else:
@@ -71,13 +53,18 @@ def train(recipe_name, overrides, resume_dir, no_progress):
             raise UserError("give --recipe FILE (or a bundled recipe name), or --resume RUN_DIR")
         recipe = load_recipe(recipe_name, list(overrides))
         run_dir = _new_run_dir(recipe)
+        try:  # first, so that a run killed from here on can be resumed
+            write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     err_console.print(f"[bold]fedmef[/] {recipe.method.name} | {recipe.model.arch}/{recipe.model.norm} | "
-                      f"{recipe.data.dataset} | run dir {run_dir}", highlight=False)
+                      f"{recipe.data.dataset} | run dir {escape(str(run_dir))}", highlight=False)
     try:
         sim = Simulator(recipe, run_dir, console=err_console, show_progress=not no_progress)
     except BaseException:
-        if resume_dir is None and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nothing was written: leave no empty run directory behind
+        if resume_dir is None and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was run: leave no run directory behind
         raise
     if sim.calibration and resume_dir is None:
         f = list(sim.calibration.values())
@@ -87,14 +74,21 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         sim.resume()
         err_console.print(f"resuming after round {sim.start_round}", highlight=False)
     else:
-        sim.write_run_files()
-    if recipe.output.memory_report and resume_dir is None:
-        from fedmef_toolkit.memory.report import write_report_for_simulator
+        try:
+            sim.write_run_files()
+            if recipe.output.memory_report:
+                from fedmef_toolkit.memory.report import write_report_for_simulator
 
-        write_report_for_simulator(sim, quiet=True)
+                write_report_for_simulator(sim, quiet=True)
+        except BaseException:  # e.g. a full disk: the new, still empty run leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         rows = sim.run()
+    except StorageError as exc:  # nothing written is damaged: the last checkpoint stands
+        raise StorageError(f"{exc}; the last checkpoint is intact: fix this and continue with "
+                           f"fedmef train --resume {run_dir}") from None
     except KeyboardInterrupt:
         err_console.print(f"interrupted; continue with: fedmef train --resume {run_dir}", highlight=False,
                           soft_wrap=True)

@@ -152,8 +152,10 @@ def build_source(desc: dict) -> nn.Module:
     raise UserError(f"cannot rebuild a model of source '{kind}' (pickled modules are not rebuildable from a file)")
 
 
-def _matches(model: nn.Module, state: dict) -> bool:
-    own = model.state_dict()
+def _matches(desc: dict, state: dict) -> bool:
+    """Whether `desc`'s model has exactly `state`'s tensors (built on the meta device: free)."""
+    with torch.device("meta"):
+        own = build_source(desc).state_dict()
     return set(own) == set(state) and all(tuple(own[k].shape) == tuple(state[k].shape) for k in own)
 
 
@@ -171,12 +173,12 @@ def resolve_arch(arch: str, state: dict, image_size: int = 32) -> dict:
         for width in (1.0, 0.25, 0.5, 0.75, 1.5, 2.0):
             desc = {"source": "registry", "name": arch,
                     "kwargs": {"num_classes": num_classes, "width": width, "image_size": image_size, "norm": "bn"}}
-            if _matches(build_source(desc), state):
+            if _matches(desc, state):
                 return desc
         tried.append(f"registry {arch} (widths 0.25-2)")
     if _torchvision_builder(name) is not None:
         desc = {"source": "torchvision", "name": name, "kwargs": {"num_classes": num_classes}}
-        if _matches(build_source(desc), state):
+        if _matches(desc, state):
             return desc
         tried.append(f"torchvision {name}")
     if not tried:
@@ -189,6 +191,10 @@ def resolve_arch(arch: str, state: dict, image_size: int = 32) -> dict:
 
 def load_input(path: Path, arch: str | None, trust_pickle: bool, image_size: int) -> tuple[nn.Module, dict | None]:
     """Return (BN model with the file's weights, source description or None for pickles)."""
+    from .architecture import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
     if not path.is_file():
         raise UserError("file not found", str(path))
     if path.suffix == ".safetensors":
@@ -198,8 +204,8 @@ def load_input(path: Path, arch: str | None, trust_pickle: bool, image_size: int
         if arch is None and ARCH_KEY in meta:
             from .architecture import parse_description
 
-            found = parse_description(meta[ARCH_KEY], str(path))
-            if found.get("kind") != "registry":
+            found = parse_description(meta[ARCH_KEY], str(path))  # schema-checked
+            if found["kind"] != "registry":
                 raise UserError("this file is already converted", str(path))
             desc = {"source": "registry", "name": found["kwargs"]["name"],
                     "kwargs": {k: v for k, v in found["kwargs"].items() if k != "name"}}
@@ -241,6 +247,8 @@ def load_input(path: Path, arch: str | None, trust_pickle: bool, image_size: int
 
 
 def _instantiate(desc: dict, state: dict, path: Path) -> nn.Module:
+    if not _matches(desc, state):  # checked on the meta device before the model takes memory
+        raise UserError(f"weights do not fit {desc['name']}: keys or shapes differ", str(path))
     model = build_source(desc)
     try:
         model.load_state_dict(state)
@@ -251,8 +259,9 @@ def _instantiate(desc: dict, state: dict, path: Path) -> nn.Module:
 
 def convert_file(path: Path, out: Path, arch: str | None = None, trust_pickle: bool = False, image_size: int = 32,
                  nsconv_kwargs: dict | None = None) -> tuple[ConversionReport, dict]:
-    from safetensors.torch import save_file
+    from .storage import check_output_file, save_safetensors
 
+    check_output_file(out)
     model, source = load_input(path, arch, trust_pickle, image_size)
     model.eval()
     report = convert_module(model, nsconv_kwargs)
@@ -261,8 +270,7 @@ def convert_file(path: Path, out: Path, arch: str | None = None, trust_pickle: b
     meta = {"format": "fedmef-dense", ARCH_KEY: json.dumps(desc), "converted_from": path.name}
     if source is None:
         meta["note"] = "converted from a pickled module: rebuild needs the original class"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=meta)
+    save_safetensors(out, state, meta)
     return report, desc
 
 
@@ -276,13 +284,16 @@ def build_converted(desc: dict) -> nn.Module:
 
 
 def load_converted(path: str | Path) -> nn.Module:
-    from .architecture import parse_description
+    from .architecture import build_for_state, parse_description
     from .export.io import read_safetensors
 
     state, meta = read_safetensors(path)
     if ARCH_KEY not in meta:
         raise UserError("no architecture description in the file's metadata (not written by fedmef convert)", str(path))
-    model = build_converted(parse_description(meta[ARCH_KEY], str(path)))
+    desc = parse_description(meta[ARCH_KEY], str(path))
+    if desc["kind"] != "converted":
+        raise UserError("not a converted model (its description is of kind registry)", str(path))
+    model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, str(path))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

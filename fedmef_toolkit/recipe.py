@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .storage import check_path_text
 
 
 def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
@@ -37,7 +38,7 @@ def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
 
 @dataclass
 class SyntheticSpec:
-    num_samples: int = _f(4000, lo=20, help="training + validation images generated")
+    num_samples: int = _f(4000, lo=20, hi=10_000_000, help="training + validation images generated")
     num_classes: int = _f(10, lo=2, hi=1000)
     image_size: int = _f(16, lo=8, hi=256)
     noise: float = _f(0.35, lo=0.0, hi=5.0, help="pixel noise relative to the class pattern")
@@ -50,9 +51,9 @@ class DataSpec:
     download: bool = _f(False, help="cifar10 only: download into root if missing")
     cache_dir: str | None = _f(None, help="decoded uint8 cache (default ~/.cache/fedmef)")
     partition: str = _f("dirichlet", choices=["iid", "dirichlet"])
-    alpha: float = _f(0.5, lo=0.0, lo_open=True, help="Dirichlet concentration")
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, hi=1e6, help="Dirichlet concentration")
     num_clients: int = _f(100, lo=1, hi=1_000_000)
-    min_samples: int = _f(10, lo=1, help="minimum training samples per client")
+    min_samples: int = _f(10, lo=1, hi=1_000_000, help="minimum training samples per client")
     val_split: float = _f(0.1, lo=0.0, hi=0.9, help="fraction of training data held out for validation when no test split is used")
     augment: bool = _f(True, help="random crop (pad 4) + horizontal flip on the device")
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
@@ -62,7 +63,7 @@ class DataSpec:
 class NSConvSpec:
     stats: str = _f("active", choices=["active", "all"], help="standardise over active entries or all entries then mask")
     unbiased: bool = _f(False)
-    eps: float = _f(1e-4, lo=0.0, lo_open=True)
+    eps: float = _f(1e-4, lo=0.0, lo_open=True, hi=1.0)
     alpha: float = _f(0.2, lo=0.0, lo_open=True, hi=1.0,
                       help="residual branch scale of the BN-free blocks: h + alpha * f(h / beta)")
     calibrate: bool = _f(False, help="data-dependent gain init: one client rescales each NSConv gain to unit output "
@@ -92,7 +93,7 @@ class FLSpec:
     lr_schedule: str = _f("constant", choices=["constant", "cosine", "exp"], help="over rounds")
     lr_decay: float = _f(0.998, lo=0.0, lo_open=True, hi=1.0, help="per-round factor for lr_schedule: exp")
     momentum: float = _f(0.0, lo=0.0, hi=0.999)
-    weight_decay: float = _f(5e-4, lo=0.0, help="on conv and linear weights only (not on biases, gains, norms)")
+    weight_decay: float = _f(5e-4, lo=0.0, hi=1.0, help="on conv and linear weights only (not on biases, gains, norms)")
     agc: float = _f(0.0, lo=0.0, hi=10.0,
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
     engine: str = _f("sequential", choices=["sequential"])
@@ -103,8 +104,8 @@ class SparsitySpec:
     density: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0)
     distribution: str = _f("erk", choices=["erk", "uniform"])
     init: str = _f("random", choices=["random", "magnitude"])
-    delta_t: int = _f(10, lo=1, help="rounds between mask adjustments")
-    t_end: int = _f(300, lo=1, help="last round with a mask adjustment")
+    delta_t: int = _f(10, lo=1, hi=1_000_000, help="rounds between mask adjustments")
+    t_end: int = _f(300, lo=1, hi=1_000_000, help="last round with a mask adjustment")
     alpha: float = _f(0.2, lo=0.0, hi=1.0, help="initial adjustment fraction (cosine-annealed)")
     grow_grad: str = _f("batch", choices=["batch", "full"], help="client gradient for growth: one batch or all local data")
 
@@ -112,12 +113,12 @@ class SparsitySpec:
 @dataclass
 class BaESpec:
     enabled: bool = _f(True)
-    rounds: int = _f(1, lo=1, help="rounds ending with an adjustment round that run extrusion")
-    lam: float = _f(0.01, lo=0.0)
+    rounds: int = _f(1, lo=1, hi=1_000_000, help="rounds ending with an adjustment round that run extrusion")
+    lam: float = _f(0.01, lo=0.0, hi=1e6)
     penalty: str = _f("l2sq", choices=["l2sq", "l2"], help="lambda*||theta_low||^2 (paper) or unsquared (authors' code)")
     sigmoid_norm: str = _f("l2", choices=["l2", "l1"])
-    max_lr: float | None = _f(None, lo=0.0, lo_open=True)
-    psi: float = _f(1.0, lo=0.0)
+    max_lr: float | None = _f(None, lo=0.0, lo_open=True, hi=100.0)
+    psi: float = _f(1.0, lo=0.0, hi=1e6)
 
 
 @dataclass
@@ -137,8 +138,8 @@ class MethodSpec:
 
 @dataclass
 class EvalSpec:
-    every: int = _f(1, lo=1, help="evaluate the global model every n rounds (and at the last)")
-    batch_size: int = _f(512, lo=1)
+    every: int = _f(1, lo=1, hi=1_000_000, help="evaluate the global model every n rounds (and at the last)")
+    batch_size: int = _f(512, lo=1, hi=65_536)
     split: str = _f("val", choices=["val", "test"], help="held-out part of the training data, or the data set's test split")
 
 
@@ -146,7 +147,7 @@ class EvalSpec:
 class OutputSpec:
     dir: str = _f("runs")
     name: str | None = _f(None, help="run directory name (default: recipe name + time)")
-    checkpoint_every: int = _f(10, lo=1)
+    checkpoint_every: int = _f(10, lo=1, hi=1_000_000)
     memory_report: bool = _f(True, help="write memory.json at the start of training")
 
 
@@ -205,6 +206,8 @@ def _coerce(value, tp, where: str, src: str):
             return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise UserError(f"{where}: contains a NUL byte", src)
             return value
     raise UserError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", src)
 
@@ -272,10 +275,23 @@ def _check_consistency(r: Recipe, src: str) -> None:
         raise UserError(
             f"method.sparsity.t_end ({sp.t_end}) < delta_t ({sp.delta_t}): no mask adjustment would ever run", src
         )
+    for where, text, name_only in (("output.dir", r.output.dir, False), ("output.name", r.output.name, True),
+                                   ("name", r.name, True), ("data.root", r.data.root, False),
+                                   ("data.cache_dir", r.data.cache_dir, False), ("model.init", r.model.init, False)):
+        problem = check_path_text(text, where, name_only) if text is not None else None
+        if problem:
+            raise UserError(problem, src)
+    s = r.data.synthetic
+    if r.data.dataset == "synthetic" and s.num_samples * 3 * s.image_size**2 > MAX_SYNTHETIC_BYTES:
+        raise UserError(f"data.synthetic: {s.num_samples} images of {s.image_size}x{s.image_size} take "
+                        f"{s.num_samples * 3 * s.image_size**2:,} bytes, more than {MAX_SYNTHETIC_BYTES:,}", src)
     if r.model.init and not Path(r.model.init).expanduser().exists():
         raise UserError(f"model.init: file not found: {r.model.init}", src)
     if r.data.root and not r.data.download and not Path(r.data.root).expanduser().exists():
         raise UserError(f"data.root: not found: {r.data.root}", src)
+
+
+MAX_SYNTHETIC_BYTES = 1 << 30  # uint8 images (4x that as floats while they are generated)
 
 
 def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:

@@ -36,9 +36,10 @@ def _recipe_file(tmp_path, name, **over):
 
 
 def test_checkpoint_state_travels_with_the_tensors(tmp_path):
-    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"s": torch.zeros(2)}, {"round": 4, "totals": {}})
+    totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
+    save_checkpoint(tmp_path, {"w": torch.ones(3)}, {"s": torch.zeros(2)}, {"round": 4, "totals": totals})
     # a kill between the two files used to leave a stale checkpoint.json: it no longer matters
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"round": 3, "totals": {}}))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"round": 3, "totals": totals}))
     model, strat, state = load_checkpoint(tmp_path)
     assert state["round"] == 4 and torch.equal(model["w"], torch.ones(3)) and set(strat) == {"s"}
     (tmp_path / "checkpoint.json").unlink()
@@ -159,3 +160,41 @@ def test_divergence_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_pat
     model, _, _ = load_checkpoint(run_dir)
     assert all(torch.isfinite(v.float()).all() for v in model.values())
     assert not (run_dir / "model.safetensors").exists()
+
+
+# The fault hook (FEDMEF_FAULT, fedmef_toolkit/storage.py) kills the run with SIGKILL at the
+# n-th write point matching a pattern. One chain of kills, each resumed with the next fault,
+# walks through every kind of write: the run's own files, the round-0 and periodic checkpoints
+# (half written, written but not renamed, renamed before its JSON copy), metrics lines (after
+# a line, mid-line), the cut of an uncommitted tail on resume and the final model.
+KILL_CHAIN = [
+    "partial:partition.json,1",  # a new run, killed before its round-0 checkpoint
+    "written:checkpoint.safetensors,1",  # the round-0 checkpoint written, not renamed
+    "appended:metrics.jsonl,1",  # round 1 logged, its checkpoint not yet written
+    "truncate:metrics.jsonl,1",  # resume, before it cuts round 1 off
+    "partial:metrics.jsonl,2",  # round 2 torn mid-line
+    "partial:checkpoint.safetensors,2",  # the round-2 checkpoint half written
+    "replaced:checkpoint.safetensors,2",  # renamed, before its checkpoint.json copy
+    "partial:checkpoint.json,1",  # the round-4 checkpoint's JSON copy half written
+    "partial:metrics.jsonl,2",  # round 6 torn after round 5
+    "partial:model.safetensors,1",  # the final model half written
+]
+
+
+def test_fault_hook_kills_at_every_kind_of_write_and_resume_matches(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    over = {"fl.rounds": 6, "output.checkpoint_every": 2}
+    full = subprocess.run(CLI + ["--recipe", str(_recipe_file(tmp_path, "full", **over))], capture_output=True,
+                          text=True, env=env)
+    assert full.returncode == 0, full.stderr
+    part_dir = tmp_path / "runs" / "part"
+    cmd = CLI + ["--recipe", str(_recipe_file(tmp_path, "part", **over))]
+    for fault in KILL_CHAIN:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "FEDMEF_FAULT": fault})
+        assert proc.returncode == -signal.SIGKILL, f"{fault} did not fire: {proc.stderr[-500:]}"
+        cmd = CLI + ["--resume", str(part_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert _metrics(part_dir) == _metrics(tmp_path / "runs" / "full")
+    a, b = load_file(str(tmp_path / "runs" / "full" / "model.safetensors")), load_file(str(part_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

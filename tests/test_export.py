@@ -108,12 +108,16 @@ def exported(tmp_path):
 
 
 def rewrite(path, tensors=None, meta=None):
+    """Replace a file's tensors or metadata as a hostile author would: with a matching
+    content hash, so the checks behind the hash are what is tested."""
     from safetensors import safe_open
+
+    from fedmef_toolkit.storage import save_safetensors
 
     with safe_open(str(path), "pt") as f:
         old_meta = f.metadata()
         old = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors if tensors is not None else old, str(path), metadata=meta if meta is not None else old_meta)
+    save_safetensors(path, tensors if tensors is not None else old, meta if meta is not None else old_meta)
     return old, old_meta
 
 

@@ -74,8 +74,18 @@ def load_data(spec, split: str, seed: int) -> DataBundle:
     if split == "test":
         if "test_x" not in raw:
             raise UserError(f"eval.split is 'test' but the data set at {spec.root} has no test split")
-        return DataBundle(x, y, raw["test_x"], raw["test_y"], list(raw["classes"]), "test")
-    if "val_x" in raw:  # the data set ships its own validation split (CINIC-10's valid/)
-        return DataBundle(x, y, raw["val_x"], raw["val_y"], list(raw["classes"]), "val")
-    tr, va = holdout_split(y, spec.val_split)
-    return DataBundle(x[tr], y[tr], x[va], y[va], list(raw["classes"]), "val")
+        bundle = DataBundle(x, y, raw["test_x"], raw["test_y"], list(raw["classes"]), "test")
+    elif "val_x" in raw:  # the data set ships its own validation split (CINIC-10's valid/)
+        bundle = DataBundle(x, y, raw["val_x"], raw["val_y"], list(raw["classes"]), "val")
+    else:
+        tr, va = holdout_split(y, spec.val_split)
+        bundle = DataBundle(x[tr], y[tr], x[va], y[va], list(raw["classes"]), "val")
+        if not len(va):
+            raise UserError(f"the validation set is empty: data.val_split {spec.val_split} of at most "
+                            f"{int(torch.bincount(y).max()) if len(y) else 0} images per class rounds to none; "
+                            "raise data.val_split or use more images", spec.root or spec.dataset)
+    if not len(bundle.train_y):
+        raise UserError("no training images left after holding out the validation set", spec.root or spec.dataset)
+    if not len(bundle.eval_y):
+        raise UserError(f"the {bundle.eval_name} split has no images", spec.root or spec.dataset)
+    return bundle

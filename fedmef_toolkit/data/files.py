@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ..errors import UserError
+from ..errors import UserError, brief
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".zip")
+
+
+def _safe_member(name: str, root: Path) -> str:
+    """An archive member's relative path; a member that climbs out ('..') or is absolute is
+    refused: the archive is hostile or broken (nothing is ever extracted to disk either way)."""
+    rel = name[2:] if name.startswith("./") else name
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if rel.startswith(("/", "\\")) or ".." in parts:
+        raise UserError(f"archive member {brief(repr(name), 120)} has an absolute path or '..'; refusing the archive",
+                        str(root))
+    return rel
 
 
 def iter_files(root: Path, wanted=lambda rel: True) -> Iterator[tuple[str, bytes]]:
@@ -32,16 +43,18 @@ def iter_files(root: Path, wanted=lambda rel: True) -> Iterator[tuple[str, bytes
         if name.endswith(".zip"):
             with zipfile.ZipFile(root) as zf:
                 for info in zf.infolist():
-                    if not info.is_dir() and wanted(info.filename):
-                        yield info.filename, zf.read(info)
+                    rel = _safe_member(info.filename, root)
+                    if not info.is_dir() and wanted(rel):
+                        yield rel, zf.read(info)
             return
         if name.endswith(ARCHIVE_SUFFIXES):
             with tarfile.open(root, "r:*") as tf:
                 for member in tf:
-                    if member.isfile() and wanted(member.name):
+                    rel = _safe_member(member.name, root)
+                    if member.isfile() and wanted(rel):
                         handle = tf.extractfile(member)
                         if handle is not None:
-                            yield member.name.lstrip("./") if member.name.startswith("./") else member.name, handle.read()
+                            yield rel, handle.read()
             return
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         raise UserError(f"cannot read archive: {exc}", str(root)) from None

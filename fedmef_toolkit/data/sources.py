@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, brief
 from .files import iter_files
 
+MAX_IMAGE_PIXELS = 1 << 26  # 67 Mpixel: far above any data set image, far below a bomb's size
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
 
@@ -24,13 +26,22 @@ def _decode(blob: bytes, name: str, size: int | None, source: str) -> np.ndarray
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(blob)) as img:
-            img = img.convert("RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot decode image {name}: {exc}", source) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(io.BytesIO(blob)) as img:  # reads the header only
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:  # a decompression bomb, or no image of a data set
+                    raise UserError(f"image {name} is {w}x{h} pixels, more than {MAX_IMAGE_PIXELS:,} "
+                                    "(a decompression bomb?)", source)
+                img = img.convert("RGB")
+                if size is not None and img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except UserError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+            MemoryError) as exc:
+        raise UserError(f"cannot decode image {name}: {brief(exc)}", source) from None
 
 
 def _stack(images: list[np.ndarray], labels: list[int]):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from .. import __version__
-from ..architecture import build_from_description, parse_description
+from ..architecture import check_fits, parse_description
 from ..errors import UserError, brief
 from ..sparse.masks import MASK_SUFFIX
+from ..storage import HASH_KEY, check_output_file, read_safetensors_verified, save_safetensors
 from .io import read_metadata, read_safetensors
 from .sparse_format import DTYPES, FORMAT, VERSION, densify, pack_state
 
@@ -39,11 +39,9 @@ def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         if mfile.exists():
             model_meta = read_metadata(mfile)
         meta = {**model_meta, **meta}
-        state_file = run_dir / "checkpoint.json"
-        if state_file.exists():
-            st = json.loads(state_file.read_text())
-            meta.setdefault("round", str(st.get("round")))
-            meta.setdefault("recipe_digest", st.get("recipe_digest", ""))
+        st = _checkpoint_state(meta, run_dir / "checkpoint.json")
+        meta.setdefault("round", str(st.get("round", "")))
+        meta.setdefault("recipe_digest", str(st.get("recipe_digest", "")))
     if "fedmef_arch" not in meta:
         raise UserError("no architecture description in the file's metadata (not written by fedmef train/convert)", str(path))
     desc = parse_description(meta["fedmef_arch"], str(path))
@@ -55,6 +53,19 @@ def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         "val_accuracy": meta.get("val_accuracy", ""), "toolkit_version": __version__, "source": str(path),
     }
     return tensors, desc, provenance
+
+
+def _checkpoint_state(meta: dict, state_file: Path) -> dict:
+    """The checkpoint's state (round, recipe digest): from its own metadata, else from the
+    checkpoint.json an earlier version wrote beside it; {} when neither is readable."""
+    from ..fl.checkpoint import STATE_KEY
+
+    try:
+        text = meta[STATE_KEY] if STATE_KEY in meta else state_file.read_text() if state_file.exists() else "{}"
+        st = json.loads(text)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return st if isinstance(st, dict) else {}
 
 
 def export_model(src: Path, out: Path, fmt: str = "sparse-safetensors", dtype: str = "fp32") -> dict:
@@ -70,8 +81,8 @@ def export_model(src: Path, out: Path, fmt: str = "sparse-safetensors", dtype: s
             "layout": json.dumps(layout), "fedmef_arch": json.dumps(desc), "provenance": json.dumps(prov)}
     if not sparse:
         meta.update({k: str(v) for k, v in prov.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    check_output_file(out)
+    save_safetensors(out, tensors, meta)
     dense_bytes = sum(t.numel() * (DTYPES[dtype].itemsize if t.is_floating_point() else t.element_size())
                       for k, t in state.items() if not k.endswith(MASK_SUFFIX))
     return {"tensors": len(layout), "csr": sum(1 for v in layout.values() if v["layout"] == "csr"),
@@ -89,31 +100,27 @@ def load_sparse(path: str | Path, as_sparse: bool = False) -> dict[str, torch.Te
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A ready-to-run module in eval mode from an exported (sparse or dense) file."""
-    from .io import read_model_file
+    from .io import build_model_for, read_model_file
 
     state, desc = read_model_file(path)
     if desc is None:
         raise UserError("no architecture description in the file's metadata", str(path))
-    model = build_from_description(desc)
-    from ..sparse.masks import attach_masks
-
-    masks = {k[: -len("." + MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
-    try:
-        if masks:
-            attach_masks(model, masks)
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
-        raise UserError(f"tensors do not fit the described architecture: {brief(exc)}", str(path)) from None
-    return model.to(device).eval()
+    return build_model_for(desc, state, str(path)).to(device).eval()
 
 
 def inspect_file(path: str | Path) -> dict:
-    """Per-tensor layout, shape, density and bytes, plus the metadata. A sparse file is
-    fully validated first, so a damaged one is reported rather than listed."""
-    tensors, meta = read_safetensors(path)
+    """Per-tensor layout, shape, density and bytes, plus the metadata. A file is fully
+    validated first (content hash, sparse layout, architecture description against its
+    tensors), so a damaged one is reported rather than listed. `hash` says
+    whether the content hash was checked ("verified") or the file has none ("absent":
+    written before hashes existed; such files are accepted)."""
+    tensors, meta, verified = read_safetensors_verified(Path(path))
     rows = []
+    state = densify(tensors, meta, str(path)) if meta.get("format") == FORMAT else tensors
+    if "fedmef_arch" in meta:  # the description must rebuild a model these tensors fit
+        check_fits(parse_description(meta["fedmef_arch"], str(path)),
+                   {k: tuple(v.shape) for k, v in state.items()}, str(path))
     if meta.get("format") == FORMAT:
-        densify(tensors, meta, str(path))
         layout = json.loads(meta["layout"])
         for name, info in layout.items():
             parts = [f"{name}.{p}" for p in ("values", "col_indices", "crow_indices")] if info["layout"] == "csr" else [name]
@@ -129,6 +136,7 @@ def inspect_file(path: str | Path) -> dict:
         for name, t in tensors.items():
             rows.append({"name": name, "layout": "dense", "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                          "stored_dtype": str(t.dtype).replace("torch.", ""),
-                         "density": float((t != 0).float().mean()) if t.numel() else 1.0,
+                         "density": int(torch.count_nonzero(t)) / t.numel() if t.numel() else 1.0,
                          "bytes": t.numel() * t.element_size()})
-    return {"file": str(path), "bytes": Path(path).stat().st_size, "metadata": meta, "tensors": rows}
+    return {"file": str(path), "bytes": Path(path).stat().st_size, "hash": "verified" if verified else "absent",
+            "metadata": {k: v for k, v in meta.items() if k != HASH_KEY}, "tensors": rows}

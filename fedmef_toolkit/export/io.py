@@ -1,4 +1,5 @@
-"""Safe reading of model weight files: never executes code from a file."""
+"""Safe reading of model weight files: never executes code from a file, checks the content
+hash (`fedmef_toolkit.storage`) and never allocates more than the file can hold."""
 
 from __future__ import annotations
 
@@ -7,21 +8,13 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, brief
+from ..storage import read_safetensors_verified
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, or a one-line UserError."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("file not found", str(path))
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise UserError(f"not a valid safetensors file ({brief(exc, 200)})", str(path)) from None
+    """Tensors and metadata of a safetensors file (content hash checked when the file has
+    one), or a one-line UserError."""
+    tensors, meta, _ = read_safetensors_verified(Path(path))
     return tensors, meta
 
 
@@ -37,7 +30,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(dense state dict, architecture description or None) of a model file we can read."""
+    """(dense state dict, validated architecture description or None) of a model file."""
     from ..architecture import parse_description
 
     tensors, meta = read_safetensors(path)
@@ -47,3 +40,20 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 
         tensors = densify(tensors, meta, str(path))
     return tensors, desc
+
+
+def build_model_for(desc: dict, state: dict[str, torch.Tensor], source: str):
+    """The described model with `state` loaded (masks attached), checked against the state's
+    shapes on the meta device before anything is allocated."""
+    from ..architecture import build_for_state
+    from ..sparse.masks import MASK_SUFFIX, attach_masks
+
+    model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, source)
+    masks = {k[: -len("." + MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    try:
+        if masks:
+            attach_masks(model, masks)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"tensors do not fit the described architecture: {brief(exc)}", source) from None
+    return model

@@ -14,7 +14,9 @@ whose CSR form would be larger than the dense one, are stored as they are
   provenance      JSON {recipe_digest, round, density, val_accuracy, toolkit_version, ...}
 
 Reading validates everything against the header before building a tensor,
-so a damaged or hostile file is refused with a one-line error.
+so a damaged or hostile file is refused with a one-line error, and never
+allocates more than MAX_EXPANSION times the file's stored bytes (plus
+EXPANSION_FLOOR): a tiny file cannot declare gigabytes of zeros.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from ..sparse.masks import MASK_SUFFIX
 FORMAT = "fedmef-sparse"
 VERSION = "1"
 CSR_PARTS = ("values", "col_indices", "crow_indices")
+MAX_EXPANSION = 1024  # decoding allocates at most this many times the stored bytes...
+EXPANSION_FLOOR = 64 << 20  # ...plus this
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.int16: "int16",
@@ -133,7 +137,7 @@ def parse_header(meta: dict, source: str) -> dict:
                         f"(this toolkit reads version {VERSION}); upgrade fedmef-toolkit", source)
     try:
         layout = json.loads(meta["layout"])
-    except (KeyError, json.JSONDecodeError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         _bad(source, "missing or corrupt 'layout' metadata")
     if not isinstance(layout, dict):
         _bad(source, "'layout' metadata is not a mapping")
@@ -145,12 +149,32 @@ def parse_header(meta: dict, source: str) -> dict:
             _bad(source, f"layout entry for {name!r} is malformed")
         if info["layout"] == "csr" and len(info["shape"]) < 2:
             _bad(source, f"{name}: a CSR tensor needs at least 2 dimensions")
+        if len(info["shape"]) > 8:
+            _bad(source, f"{name}: more than 8 dimensions")
     return layout
+
+
+def expansion_limit(stored_bytes: int) -> int:
+    """Bytes that decoding a file whose tensors take `stored_bytes` may allocate."""
+    return MAX_EXPANSION * stored_bytes + EXPANSION_FLOOR
+
+
+def check_expansion(layout: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before allocating, a layout that declares more than the file can hold: the
+    dense tensors (values and masks) of the CSR entries may take at most MAX_EXPANSION times
+    the stored bytes, plus EXPANSION_FLOOR (a real export at 0.1% density expands ~700x)."""
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    need = sum(math.prod(info["shape"]) * (_NAME_DTYPES[info["dtype"]].itemsize + 1)
+               for info in layout.values() if info["layout"] == "csr")
+    if need > expansion_limit(stored):
+        _bad(source, f"the layout declares {need:,} bytes of dense tensors, more than a file of "
+                     f"{stored:,} stored bytes can hold (limit {expansion_limit(stored):,})")
 
 
 def decode(tensors: dict[str, torch.Tensor], meta: dict, source: str, as_sparse: bool = False) -> dict:
     """Validated state dict: dense tensors (masks restored), or torch sparse CSR for CSR entries."""
     layout = parse_header(meta, source)
+    check_expansion(layout, tensors, source)
     out: dict[str, torch.Tensor] = {}
     expected = set()
     for name, info in layout.items():

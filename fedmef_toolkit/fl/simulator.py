@@ -23,13 +23,14 @@ from .. import __version__
 from ..data import DataBundle, load_data
 from ..data.augment import DeviceAugment
 from ..data.partition import class_histograms, partition
-from ..errors import TrainingDiverged, UserError
+from ..errors import TrainingDiverged, UserError, brief
 from ..architecture import build_from_description, registry_description
 from ..models import model_kwargs_from_spec
 from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
-from .checkpoint import load_checkpoint, load_checkpoint_round, save_checkpoint, save_model, write_text_atomic
+from ..storage import append_line, io_error, truncate_to, write_text_atomic
+from .checkpoint import CKPT, load_checkpoint, load_checkpoint_round, save_checkpoint, save_model
 from .client import ClientData, ClientTrainer
 from .engine import ENGINES
 from .evaluate import evaluate
@@ -55,12 +56,24 @@ def load_init_weights(model: nn.Module, state: dict, path: str) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def _round_of(line: str) -> float:
+def _round_of(line: bytes) -> float:
     """The round of a metrics line; a torn line (a kill mid-write) counts as after any checkpoint."""
     try:
         return int(json.loads(line)["round"])
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def committed_length(metrics: Path, last_round: int) -> int:
+    """Bytes of metrics.jsonl up to the line of `last_round`: the lines of later rounds and a
+    torn last line are the tail after it (the file is only ever appended, in round order)."""
+    size = 0
+    with open(metrics, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n") or _round_of(line) > last_round:
+                break
+            size += len(line)
+    return size
 
 
 class Simulator:
@@ -107,10 +120,14 @@ class Simulator:
             return build_from_description(self.arch_desc)
         from ..export.io import read_model_file
 
-        state, desc = read_model_file(init)
-        if desc is not None and desc.get("kind") == "converted":
+        state, desc = read_model_file(init)  # hash, schema and size checked
+        if desc is not None and desc["kind"] == "converted":
+            from ..architecture import build_for_state
+
             self.arch_desc = desc
-        model = build_from_description(self.arch_desc)
+            model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, init)
+        else:
+            model = build_from_description(self.arch_desc)
         load_init_weights(model, state, init)
         return model
 
@@ -136,24 +153,43 @@ class Simulator:
 
     # -- run directory ------------------------------------------------------
     def write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        (self.run_dir / "partition.json").write_text(json.dumps({
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error(exc, self.run_dir, "cannot create the run directory") from None
+        write_text_atomic(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
+        write_text_atomic(self.run_dir / "partition.json", json.dumps({
             "num_clients": len(self.parts), "classes": self.data.classes,
             "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
 
     def resume(self) -> None:
+        metrics = self.run_dir / "metrics.jsonl"
+        if not (self.run_dir / CKPT).exists() and not (metrics.exists() and metrics.stat().st_size):
+            self.write_run_files()  # killed before its round-0 checkpoint: nothing to lose, start over
+            return
         model_state, strat, state = load_checkpoint(self.run_dir)
         if state.get("recipe_digest") != self.recipe.digest():
             raise UserError("checkpoint was written by a different recipe; refusing to mix them", str(self.run_dir))
-        self.model.load_state_dict(model_state, strict=False)  # masks are buffers: loaded too
-        self.strategy.load_state_tensors(strat)
+        own = self.model.state_dict()  # masks are buffers: loaded too
+        bad = sorted(set(own) ^ set(model_state)) or [k for k in own if model_state[k].shape != own[k].shape]
+        if bad:
+            raise UserError(f"cannot resume: the checkpoint's tensors do not fit the recipe's model ({bad[0]})",
+                            str(self.run_dir))
+        try:
+            self.model.load_state_dict(model_state)
+            self.strategy.load_state_tensors(strat)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"cannot resume: checkpoint does not fit the recipe ({brief(exc)})",
+                            str(self.run_dir)) from None
         self.start_round = int(state["round"])
         self.totals = state["totals"]
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():  # drop rounds logged after the checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if _round_of(ln) <= self.start_round]
-            write_text_atomic(metrics, "".join(ln + "\n" for ln in keep))  # a kill here loses nothing
+        if metrics.exists():  # cut rounds logged after the checkpoint (and a torn line) off the end
+            try:
+                keep = committed_length(metrics, self.start_round)
+            except OSError as exc:
+                raise io_error(exc, metrics, "cannot read") from None
+            if keep < metrics.stat().st_size:
+                truncate_to(metrics, keep)
 
     def checkpoint(self, t: int) -> None:
         save_checkpoint(self.run_dir, self.model.state_dict(), self.strategy.state_tensors(),
@@ -231,6 +267,13 @@ class Simulator:
             f"the last checkpoint (round {last}) is intact; lower fl.lr or set fl.agc (e.g. 0.16) and start again",
             str(self.run_dir))
 
+    def _open_metrics(self):
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            return open(path, "a")
+        except OSError as exc:
+            raise io_error(exc, path) from None
+
     # -- the loop -----------------------------------------------------------
     def run(self) -> list[dict]:
         from ..progress import RoundProgress
@@ -243,12 +286,11 @@ class Simulator:
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
-                open(self.run_dir / "metrics.jsonl", "a") as log:
+                self._open_metrics() as log:
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    append_line(log, self.run_dir / "metrics.jsonl", json.dumps(row))
                     self.check_finite(t, row)
                     done = t
                     self.phase = "idle"

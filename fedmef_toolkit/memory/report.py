@@ -251,7 +251,9 @@ def write_chart(report: dict, path: Path) -> bool:
 
 def write_report(report: dict, out_dir: Path, console=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory.json").write_text(json.dumps(report, indent=1))
+    from ..storage import write_text_atomic
+
+    write_text_atomic(out_dir / "memory.json", json.dumps(report, indent=1))
     write_chart(report, out_dir / "memory.png")
     if console is not None:
         render_table(report, console)
