@@ -29,7 +29,8 @@ from fedmef_toolkit.sparse.schedules import round_lr
 
 TOL = 1e-5
 ADJUST = {"method.sparsity.delta_t": 2, "method.sparsity.t_end": 4}  # round 2 adjusts masks
-FEDMEF = {"method.name": "fedmef", "model.norm": "nsconv", "fl.agc": 0.16, "method.sap.enabled": True, **ADJUST}
+FEDMEF = {"method.name": "fedmef", "model.norm": "nsconv", "fl.agc": 0.16, "method.sap.enabled": True, **ADJUST,
+          "fl.lr_schedule": "exp", "fl.lr_decay": 0.5, "method.bae.psi": 100.0}  # BaE's step size above eta
 
 
 def simulator(tmp_path, **over) -> Simulator:
@@ -104,6 +105,8 @@ def test_fedmef_bae_sap_agc(tmp_path, selection):
     sim = simulator(tmp_path, **{**FEDMEF, "method.sap.selection": selection})
     seq, bat, plans = both_engines(sim, 2)
     assert all(isinstance(p, BaEPlan) for p in plans)  # extrusion: per-client penalty and step size
+    first_steps = {p.step_lr(0, None) for p in plans[len(bat):]}  # the batched engine's plans: client views
+    assert len(first_steps) == len(bat) and max(first_steps) > plans[0].lr  # beta_s wins, differently per client
     assert all("grow" in r.upload for r in bat)  # adjustment round: top-k gradient uploads
     assert_same_updates(seq, bat)
 
