@@ -48,6 +48,7 @@ from torch.func import functional_call
 from ..sparse.masks import MASK_SUFFIX, prunable_modules
 from .agc import agc_weights
 from .client import ClientData, ClientResult, ClientTrainer, client_generator
+from .graphs import GraphedForward
 from .stacked import per_client_cross_entropy, stack_inputs, stack_model
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,17 @@ class StackedClients:
                        if getattr(m, MASK_SUFFIX, None) is not None]
         self.views = [self._client_view(model, c) for c in range(capacity)]
         self.signature = _signature(model)
+        self.arange = torch.arange(capacity, device=next(iter(self.params.values())).device)
+        self.forward = self.model  # or its CUDA-graphed forward: see use_cuda_graphs
+
+    def use_cuda_graphs(self, batch_size: int) -> GraphedForward:
+        """Replay the forward and backward of all clients at full batches from a CUDA graph."""
+        self.forward = GraphedForward(self.model, batch_size)
+        return self.forward
+
+    def index(self, idx: list[int]) -> torch.Tensor:
+        """idx as a device tensor, without a host-to-device copy (that would synchronise)."""
+        return torch.cat([self.arange[i:i + 1] for i in idx])
 
     def _client_view(self, model: nn.Module, c: int) -> nn.Module:
         view = copy.deepcopy(model)
@@ -99,11 +111,11 @@ class StackedClients:
         x, y = stack_inputs(xs), torch.stack(ys)
         lo, hi = idx[0], idx[-1] + 1
         if (lo, hi) == (0, self.capacity) and len(idx) == self.capacity:
-            return per_client_cross_entropy(self.model(x), y)
+            return per_client_cross_entropy(self.forward(x), y)
         if hi - lo == len(idx):  # contiguous: views, so buffer updates (BN statistics) land in place
             tensors = {n: t[lo:hi] for n, t in {**self.params, **self.buffers}.items()}
             return per_client_cross_entropy(functional_call(self.model, tensors, (x,)), y)
-        at = torch.tensor(idx, device=x.device)
+        at = self.index(idx)
         tensors = {n: t.index_select(0, at) for n, t in {**self.params, **self.buffers}.items()}
         losses = per_client_cross_entropy(functional_call(self.model, tensors, (x,)), y)
         with torch.no_grad():
@@ -152,7 +164,10 @@ class StackedClients:
         if all(lr == lrs[0] for lr in lrs):
             torch._foreach_add_([params[n] for n in names], steps, alpha=-lrs[0])
         else:
-            lr = torch.tensor(lrs, dtype=torch.float32, device=steps[0].device)
+            lr = torch.tensor(lrs, dtype=torch.float32)
+            if steps[0].is_cuda:  # pinned and non-blocking: no host synchronisation
+                lr = lr.pin_memory()
+            lr = lr.to(steps[0].device, non_blocking=True)
             for n, d in zip(names, steps):
                 params[n].addcmul_(lr.view(-1, *([1] * (d.dim() - 1))).to(d.dtype), d, value=-1.0)
         if masked:
@@ -196,6 +211,7 @@ class BatchedEngine:
         self.stack: StackedClients | None = None
         self.group_size: int | None = None
         self.group_reason = ""
+        self.graphed: GraphedForward | None = None
 
     # -- memory ----------------------------------------------------------------
     def clients_at_once(self, model: nn.Module, clients: int) -> int:
@@ -233,7 +249,13 @@ class BatchedEngine:
     def status(self) -> str:
         if self.group_size is None:
             return "batched engine"
-        return f"batched engine: {self.group_size} clients at once ({self.group_reason})"
+        text = f"batched engine: {self.group_size} clients at once ({self.group_reason}); "
+        g = self.graphed
+        if g is None:
+            return text + "CUDA graphs: off"
+        if g.refused:
+            return text + f"CUDA graphs: off ({g.refused})"
+        return text + f"CUDA graphs: on ({g.replays} steps replayed, {g.eager_calls} eager)"
 
     # -- a round ---------------------------------------------------------------
     def run_round(self, t: int, global_model: nn.Module, clients: list[ClientData], make_plan) -> list[ClientResult]:
@@ -244,9 +266,11 @@ class BatchedEngine:
             self.group_size = self.clients_at_once(global_model, len(clients))
         size = min(self.group_size, len(clients))
         if self.stack is None or self.stack.capacity < size or self.stack.signature != _signature(global_model):
-            self.stack = None  # free the old replicas first
+            self.stack = self.graphed = None  # free the old replicas first
             self.stack = StackedClients(global_model, size, momentum=tr.momentum, weight_decay=tr.weight_decay,
                                         agc=tr.agc)
+            if tr.cuda_graphs:
+                self.graphed = self.stack.use_cuda_graphs(tr.batch_size)
         results: list[ClientResult | None] = [None] * len(clients)
         state = global_model.state_dict()
         for start in range(0, len(order), size):
@@ -281,11 +305,13 @@ class BatchedEngine:
                 ys.append(y)
             for p in stack.params.values():
                 p.grad = None
+            if self.graphed is not None:  # capture only where no earlier step's autograd graph is alive
+                self.graphed.capture_allowed = step == 0
             for idx in _same_size_runs(xs):
                 with tr.autocast():
                     losses = stack.client_losses(idx, [xs[i] for i in idx], [ys[i] for i in idx])
                 losses.sum().backward()
-                loss_sum.index_add_(0, torch.tensor(idx, device=device), losses.detach().float())
+                loss_sum.index_add_(0, stack.index(idx), losses.detach().float())
             for i in range(active):
                 extra = plans[i].extra_loss(views[i])
                 if extra is not None:
