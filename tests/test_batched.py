@@ -111,9 +111,11 @@ def test_fedmef_bae_sap_agc(tmp_path, selection):
     assert_same_updates(seq, bat)
 
 
-def test_fedmef_residual_model_in_groups(tmp_path):
-    """A normalizer-free ResNet, and more clients than train at once (two groups)."""
-    sim = simulator(tmp_path, **{**FEDMEF, "model.arch": "resnet_narrow", "model.width": 0.5})
+@pytest.mark.parametrize("arch", ["resnet_narrow", "mobilenetv2"])
+def test_fedmef_residual_models_in_groups(tmp_path, arch):
+    """Normalizer-free residual models (depthwise convs too), and more clients than train at
+    once (two groups)."""
+    sim = simulator(tmp_path, **{**FEDMEF, "model.arch": arch, "model.width": 0.5 if arch == "resnet_narrow" else 0.25})
     seq, bat, _ = both_engines(sim, 2, max_clients=2)
     assert_same_updates(seq, bat)
 
