@@ -96,7 +96,11 @@ class FLSpec:
     weight_decay: float = _f(5e-4, lo=0.0, hi=1.0, help="on conv and linear weights only (not on biases, gains, norms)")
     agc: float = _f(0.0, lo=0.0, hi=10.0,
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
-    engine: str = _f("sequential", choices=["sequential"])
+    engine: str = _f("auto", choices=["auto", "sequential", "batched"],
+                     help="client training: one after another, or a round's clients together as one computation "
+                          "(batched: for GPUs); auto picks batched on CUDA where the model allows it")
+    batched_clients: int = _f(0, lo=0, hi=1_000_000,
+                              help="batched engine: most clients trained at once (0: as many as fit in memory)")
 
 
 @dataclass

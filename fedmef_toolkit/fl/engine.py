@@ -1,15 +1,21 @@
 """Engines run one round's client updates; strategies do not care which one runs.
 
 `SequentialEngine` trains the sampled clients one after another on a single
-worker copy of the model, in this process (the embedded default).
+worker copy of the model, in this process (the embedded default on the CPU).
+`BatchedEngine` (batched.py) trains them together as one computation per
+step, which is what a GPU needs at federated batch sizes. `select_engine`
+resolves `fl.engine` (auto, sequential, batched) and says why.
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
+from ..errors import UserError
+from .batched import BatchedEngine
 from .client import ClientData, ClientResult, ClientTrainer, client_generator
 
 
@@ -31,5 +37,34 @@ class SequentialEngine:
             results.append(self.trainer.train(self.worker, client, make_plan(), gen))
         return results
 
+    def status(self) -> str:
+        return "sequential engine; " + self.trainer.graph_status()
 
-ENGINES = {"sequential": SequentialEngine}
+
+ENGINES = {"sequential": SequentialEngine, "batched": BatchedEngine}
+
+
+def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tuple[str, str]:
+    """(engine name, why) for `fl.engine`. auto: batched on CUDA where the model's clients
+    stack (fl/stacked.py), sequential otherwise; on the CPU sequential is faster (two-core
+    measurements in docs/benchmarks.md). `example`: a normalised input batch on the device."""
+    if requested == "sequential":
+        return "sequential", "fl.engine: sequential"
+    if requested == "auto" and example.device.type != "cuda":
+        return "sequential", "fl.engine auto: sequential on the CPU"
+    from .stacked import stacking_problem
+
+    problem = stacking_problem(model, example)
+    if requested == "batched":
+        if problem:
+            raise UserError(f"fl.engine: batched cannot train this model: {problem}; use auto or sequential")
+        return "batched", "fl.engine: batched"
+    if problem:
+        return "sequential", f"fl.engine auto: sequential, the batched engine cannot train this model ({problem})"
+    return "batched", "fl.engine auto: batched on CUDA"
+
+
+def build_engine(name: str, trainer: ClientTrainer, seed: int, max_clients: int = 0):
+    if name == "batched":
+        return BatchedEngine(trainer, seed, max_clients)
+    return SequentialEngine(trainer, seed)

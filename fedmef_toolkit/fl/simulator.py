@@ -32,7 +32,7 @@ from ..sparse.schedules import round_lr
 from ..storage import append_line, io_error, truncate_to, write_text_atomic
 from .checkpoint import CKPT, load_checkpoint, load_checkpoint_round, save_checkpoint, save_model
 from .client import ClientData, ClientTrainer
-from .engine import ENGINES
+from .engine import build_engine, select_engine
 from .evaluate import evaluate
 from .strategies import build_strategy
 
@@ -105,7 +105,9 @@ class Simulator:
                                      batch_size=fl.batch_size, momentum=fl.momentum,
                                      weight_decay=fl.weight_decay, precision=recipe.precision,
                                      cuda_graphs=recipe.cuda_graphs, agc=fl.agc)
-        self.engine = ENGINES[fl.engine](self.trainer, recipe.seed)
+        example = self.augment.normalize(self.train_x[:2])
+        self.engine_name, self.engine_reason = select_engine(fl.engine, self.model, example)
+        self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients)
         self.start_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
 
@@ -217,7 +219,7 @@ class Simulator:
         lr = round_lr(t, fl.rounds, fl.lr, fl.lr_schedule, fl.lr_decay)
         cids = self.sample_clients(t)
         clients = [ClientData(c, self.client_indices[c].to(self.device)) for c in cids]
-        row: dict = {"round": t, "lr": lr, "clients": cids}
+        row: dict = {"round": t, "lr": lr, "clients": cids, "engine": self.engine_name}
         row.update(self.strategy.begin_round(t, self.model))
         down = self.strategy.download_bytes(self.model, t) * len(clients)
         self.phase = "clients"  # the global model is untouched until aggregation
@@ -297,8 +299,8 @@ class Simulator:
                     rows.append(row)
                     last_acc = row.get("eval_acc", last_acc)
                     progress.update(row)
-                    if t == self.start_round + 1 and self.device.type == "cuda" and self.console is not None:
-                        self.console.print(self.trainer.graph_status(), highlight=False)
+                    if t == self.start_round + 1 and self.console is not None:
+                        self.console.print(f"{self.engine.status()} ({self.engine_reason})", highlight=False)
                     if t % out.checkpoint_every == 0 or t == fl.rounds:
                         self.checkpoint(t)
             except KeyboardInterrupt:

@@ -23,6 +23,29 @@ from .packing import keep_count, pack_activation, pack_bits, unpack_activation, 
 class SAPConfig:
     gamma: float = 0.5
     per_sample: bool = True
+    # Clients stacked along the channels (the batched engine, fl/stacked.py): channels
+    # [c*C, (c+1)*C) of every sample belong to client c, and each client selects on its own.
+    clients: int = 1
+
+
+def selection_rows(x: torch.Tensor, cfg: SAPConfig) -> torch.Tensor:
+    """x as a matrix whose rows select their top entries independently: one per sample
+    (per_sample) or one for the whole tensor; with stacked clients, one per (sample, client)
+    or one per client (a copy: a client's entries are strided across the samples)."""
+    b, k = x.shape[0], cfg.clients
+    if cfg.per_sample:
+        return x.reshape(b * k, -1)
+    if k == 1:
+        return x.reshape(1, -1)
+    return x.reshape(b, k, -1).transpose(0, 1).reshape(k, -1)
+
+
+def from_selection_rows(rows: torch.Tensor, shape, cfg: SAPConfig) -> torch.Tensor:
+    """Inverse of selection_rows."""
+    k = cfg.clients
+    if cfg.per_sample or k == 1:
+        return rows.reshape(shape)
+    return rows.reshape(k, shape[0], -1).transpose(0, 1).reshape(shape)
 
 
 def autocast_dtype(dev: str):
@@ -55,18 +78,20 @@ class _SavedInput:
 
     @staticmethod
     def pack(ctx, x: torch.Tensor, cfg: SAPConfig) -> list[torch.Tensor]:
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.cfg = x.shape, cfg
         if cfg.gamma == 0.0:
             ctx.packing = "dense"
             return [x]
+        rows = selection_rows(x, cfg)
+        ctx.rows_shape = rows.shape
         if cfg.per_sample and use_triton(x):
             from ..kernels.packing import pack_rows
 
             ctx.packing = "fused"
-            ctx.keep = keep_count(x[0].numel(), cfg.gamma)
-            return list(pack_rows(x.reshape(x.shape[0], -1), ctx.keep))
+            ctx.keep = keep_count(rows.shape[1], cfg.gamma)
+            return list(pack_rows(rows, ctx.keep))
         ctx.packing = "torch"
-        return list(pack_activation(x, cfg.gamma, cfg.per_sample))
+        return list(pack_activation(rows, cfg.gamma, per_sample=True))
 
     @staticmethod
     def unpack(ctx, saved) -> torch.Tensor:
@@ -76,7 +101,8 @@ class _SavedInput:
             from ..kernels.packing import unpack_rows
 
             return unpack_rows(saved[0], saved[1], saved[2], ctx.x_shape, ctx.keep)
-        return unpack_activation(saved[0], saved[1], ctx.x_shape)
+        rows = unpack_activation(saved[0], saved[1], ctx.rows_shape)
+        return from_selection_rows(rows, ctx.x_shape, ctx.cfg)
 
 
 class SAPConv2dFunction(torch.autograd.Function):

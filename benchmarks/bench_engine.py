@@ -1,0 +1,156 @@
+"""Simulator speed per recipe: sequential vs batched engine, fp32 vs bf16, in one process.
+
+For each recipe x engine x precision it builds the simulator (paper protocol of
+the shipped recipes unless overridden), runs `--rounds` rounds of training
+(no evaluation, no checkpoints) and prints samples/s over the rounds after the
+first (the first pays for warm-up and CUDA-graph capture), seconds per round,
+the peak GPU memory of those rounds and the engine's status line (clients
+trained at once, CUDA graphs). A table at the end; `--json` writes everything.
+
+    # on a GPU (about 5-8 minutes with the defaults; real CIFAR-10 archive or folder):
+    python benchmarks/bench_engine.py --data-root /path/to/cifar10 --json bench_engine.json
+    # quick check on the CPU (small synthetic data, one local epoch, two clients):
+    python benchmarks/bench_engine.py --device cpu --synthetic-samples 2000 --set fl.local_epochs=1 \\
+        --set fl.clients_per_round=4 --recipes quickstart.yaml,fedmef_resnet18_cifar10.yaml --set model.width=0.25
+
+Without --data-root the recipes' data set is replaced by synthetic 32x32 images
+(same shapes and client sizes as CIFAR-10's 50,000 training images). Mask
+adjustment rounds (every `delta_t` = 10 rounds) are not among the first few;
+`--rounds 11` includes one. `--max-seconds` stops starting new configurations
+once that much time has passed (the rest are listed as skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import fedmef_toolkit.fl.simulator as simulator_module
+from fedmef_toolkit.fl.simulator import Simulator
+from fedmef_toolkit.recipe import load_recipe
+
+DEFAULT_RECIPES = "resnet18_cifar10.yaml,feddst_resnet18_cifar10.yaml,fedmef_resnet18_cifar10.yaml"
+
+
+def cached_load_data():
+    """Every configuration reads the same data set: decode or generate it once per process."""
+    real, cache = simulator_module.load_data, {}
+
+    def load(spec, split, seed):
+        key = (json.dumps(spec.__dict__, default=str, sort_keys=True), split, seed)
+        if key not in cache:
+            cache[key] = real(spec, split, seed)
+        return cache[key]
+
+    simulator_module.load_data = load
+
+
+def build(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> Simulator:
+    sets = [f"device={args.device}", f"fl.engine={engine}", f"precision={precision}", "eval.every=1000000",
+            f"output.dir={out_dir}", "output.memory_report=false"]
+    if args.data_root:
+        sets.append(f"data.root={args.data_root}")
+    else:
+        sets += ["data.dataset=synthetic", "data.root=null", f"data.synthetic.num_samples={args.synthetic_samples}",
+                 "data.synthetic.image_size=32", "data.synthetic.num_classes=10"]
+    if args.batched_clients:
+        sets.append(f"fl.batched_clients={args.batched_clients}")
+    recipe = load_recipe(recipe_name, sets + list(args.set))
+    if recipe.fl.rounds <= args.rounds:
+        recipe = load_recipe(recipe_name, sets + list(args.set) + [f"fl.rounds={args.rounds + 1}"])
+    return Simulator(recipe, out_dir / f"{recipe.name}-{engine}-{precision}", show_progress=False)
+
+
+def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> dict:
+    sim = build(recipe_name, engine, precision, args, out_dir)
+    cuda = sim.device.type == "cuda"
+    times, samples = [], []
+    for t in range(1, args.rounds + 1):
+        if cuda and t == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(sim.device)
+        row = sim.run_round(t)  # synchronises at its end on CUDA
+        times.append(row["time_s"])
+        samples.append(row["samples"])
+        print(f"  round {t}: {row['samples']} samples in {row['time_s']:.2f} s ({row['samples_per_s']:.0f}/s), "
+              f"loss {row['train_loss']:.3f}", flush=True)
+    timed = slice(1, None) if args.rounds > 1 else slice(0, None)
+    out = {"recipe": recipe_name, "engine": sim.engine_name, "precision": precision,
+           "samples_per_s": sum(samples[timed]) / max(sum(times[timed]), 1e-9),
+           "s_per_round": sum(times[timed]) / len(times[timed]), "first_round_s": times[0],
+           "peak_gib": torch.cuda.max_memory_allocated(sim.device) / 2**30 if cuda else None,
+           "status": sim.engine.status(), "reason": sim.engine_reason,
+           "method": sim.recipe.method.name, "arch": f"{sim.recipe.model.arch}/{sim.recipe.model.norm}",
+           "clients_per_round": sim.recipe.fl.clients_per_round, "local_epochs": sim.recipe.fl.local_epochs}
+    del sim
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated bundled recipe names or files")
+    ap.add_argument("--engines", default="sequential,batched")
+    ap.add_argument("--precisions", default="fp32,bf16", help="bf16 is skipped on the CPU")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration (the first is not timed)")
+    ap.add_argument("--data-root", help="CIFAR-10 folder or archive; without it synthetic images")
+    ap.add_argument("--synthetic-samples", type=int, default=55556, help="synthetic images (10%% held out)")
+    ap.add_argument("--batched-clients", type=int, default=0, help="fl.batched_clients (0: from free memory)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    ap.add_argument("--max-seconds", type=float, default=540.0, help="start no configuration after this")
+    ap.add_argument("--json", help="write all results here")
+    args = ap.parse_args()
+    cached_load_data()
+    start = time.perf_counter()
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"{device_name}, torch {torch.__version__}, python {sys.version.split()[0]}", flush=True)
+    precisions = [p for p in args.precisions.split(",") if p == "fp32" or args.device.startswith("cuda")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes.split(","):
+            for precision in precisions:
+                for engine in args.engines.split(","):
+                    label = f"{recipe} {engine} {precision}"
+                    if time.perf_counter() - start > args.max_seconds:
+                        print(f"skipped (time): {label}", flush=True)
+                        rows.append({"recipe": recipe, "engine": engine, "precision": precision, "error": "skipped"})
+                        continue
+                    print(f"{label}:", flush=True)
+                    try:
+                        rows.append(measure(recipe, engine, precision, args, Path(tmp)))
+                        print(f"  {rows[-1]['status']} ({rows[-1]['reason']})", flush=True)
+                    except Exception as e:  # noqa: BLE001 - one failed configuration must not end the run
+                        traceback.print_exc(limit=3)
+                        rows.append({"recipe": recipe, "engine": engine, "precision": precision,
+                                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"})
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+    print(f"\n{device_name}, rounds 2-{args.rounds} timed, {time.perf_counter() - start:.0f} s in all")
+    print("| recipe | precision | engine | samples/s | s/round | vs sequential | peak GiB | notes |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['recipe']} | {r['precision']} | {r['engine']} | - | - | - | - | {r['error']} |")
+            continue
+        base = next((b for b in rows if b.get("engine") == "sequential" and "error" not in b
+                     and (b["recipe"], b["precision"]) == (r["recipe"], r["precision"])), None)
+        speedup = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(f"| {r['recipe']} | {r['precision']} | {r['engine']} | {r['samples_per_s']:,.0f} | {r['s_per_round']:.2f} "
+              f"| {speedup} | {peak} | {r['status']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "args": vars(args),
+                                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
