@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import NSConv2d, ScaledReLU
-from ..layers.nsconv import standardize_weight
+from ..layers.nsconv import response_to_ones, standardize_weight
 from ..sap.functions import SAPConfig, sap_conv2d
 from ..sparse.masks import MASK_SUFFIX
 
@@ -67,6 +67,7 @@ class StackedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.nsconv = isinstance(conv, NSConv2d)
         self.stats, self.unbiased, self.eps = (conv.stats, conv.unbiased, conv.eps) if self.nsconv else (None, False, 0.0)
+        self.center, self.input_mean = (conv.center, conv.input_mean) if self.nsconv else (True, 0.0)
         self.sap: SAPConfig | None = getattr(conv, "sap", None)
         self.weight = nn.Parameter(_stacked(conv.weight, capacity))
         self.bias = None if conv.bias is None else nn.Parameter(_stacked(conv.bias, capacity))
@@ -81,7 +82,7 @@ class StackedConv2d(nn.Module):
         if not self.nsconv:
             return w
         m = None if mask is None else mask.flatten(0, 1)
-        return standardize_weight(w, gain.flatten(), m, self.stats, self.unbiased, self.eps)
+        return standardize_weight(w, gain.flatten(), m, self.stats, self.unbiased, self.eps, self.center)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         clients = self.weight.shape[0]
@@ -93,9 +94,13 @@ class StackedConv2d(nn.Module):
             # The tensors are captured here: under functional_call the module's attributes
             # are restored before backward recomputes the standardised weight.
             recompute = (lambda: self._weight(weight, gain, mask)) if self.nsconv else None
-            return sap_conv2d(x, w, bias, self.stride, self.padding, self.dilation, groups,
-                              _sap_for(self.sap, clients), recompute_weight=recompute)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, groups)
+            y = sap_conv2d(x, w, bias, self.stride, self.padding, self.dilation, groups,
+                           _sap_for(self.sap, clients), recompute_weight=recompute)
+        else:
+            y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, groups)
+        if self.input_mean:
+            y = y - self.input_mean * response_to_ones(x, w, self.stride, self.padding, self.dilation, groups)
+        return y
 
 
 class StackedLinear(nn.Module):

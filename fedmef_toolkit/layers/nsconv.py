@@ -140,6 +140,14 @@ def standardize_weight_reference(weight, gain, mask=None, stats="active", unbias
     return w_hat.reshape_as(weight)
 
 
+def response_to_ones(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """conv(ones) for one image shaped like x: with it, conv(x) - c * conv(ones) = conv(x - c),
+    the input centred by its expected mean c and then zero-padded (`NSConv2d.input_mean`:
+    an uncentred filter would otherwise pass a ReLU output's positive mean on)."""
+    ones = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return F.conv2d(ones, w.to(x.dtype), None, stride, padding, dilation, groups)
+
+
 class NSConv2d(nn.Conv2d):
     """Conv2d with a per-output-channel standardised weight and learned gain.
 
@@ -177,15 +185,8 @@ class NSConv2d(nn.Conv2d):
         else:
             y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.input_mean:
-            y = y - self.input_mean * self._response_to_ones(x, w)
+            y = y - self.input_mean * response_to_ones(x, w, self.stride, self.padding, self.dilation, self.groups)
         return y
-
-    def _response_to_ones(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """conv(ones) for one image: with it, conv(x) - c * conv(ones) = conv(x - c), the
-        input centred by its expected mean c and zero-padded. An uncentred filter would
-        otherwise pass the (positive) mean of a ReLU's output on to the next layer."""
-        ones = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        return F.conv2d(ones, w.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
 
     def _accumulate_effective_grad(self, grad: torch.Tensor) -> None:
         # Growth needs dL/dw_hat (dense), not dL/dw (zero at pruned entries).
