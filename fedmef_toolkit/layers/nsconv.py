@@ -140,12 +140,28 @@ def standardize_weight_reference(weight, gain, mask=None, stats="active", unbias
     return w_hat.reshape_as(weight)
 
 
+class _OnesResponse(torch.autograd.Function):
+    """conv(ones, w) for one image; saves no tensor for backward (the ones are made again)."""
+
+    @staticmethod
+    def forward(ctx, w, shape, stride, padding, dilation, groups):
+        ctx.conf = (shape, w.shape, stride, padding, dilation, groups)
+        ones = torch.ones(shape, dtype=w.dtype, device=w.device)
+        return F.conv2d(ones, w, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, w_shape, stride, padding, dilation, groups = ctx.conf
+        ones = torch.ones(shape, dtype=grad.dtype, device=grad.device)
+        gw = torch.nn.grad.conv2d_weight(ones, w_shape, grad, stride, padding, dilation, groups)
+        return gw, None, None, None, None, None
+
+
 def response_to_ones(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
     """conv(ones) for one image shaped like x: with it, conv(x) - c * conv(ones) = conv(x - c),
     the input centred by its expected mean c and then zero-padded (`NSConv2d.input_mean`:
     an uncentred filter would otherwise pass a ReLU output's positive mean on)."""
-    ones = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    return F.conv2d(ones, w.to(x.dtype), None, stride, padding, dilation, groups)
+    return _OnesResponse.apply(w.to(x.dtype), (1, *x.shape[1:]), stride, padding, dilation, groups)
 
 
 class NSConv2d(nn.Conv2d):
