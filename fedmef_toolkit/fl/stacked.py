@@ -217,10 +217,14 @@ def stacking_problem(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why clients of `model` cannot be stacked, or None. Besides the layer check, runs the
     model's own forward on two stacked clients with different weights and inputs (eval
     mode: nothing changes) against each client alone: a forward that mixes channels
-    (concatenation, reshapes over channels) shows up here, not as silently wrong training."""
+    (concatenation, reshapes over channels) shows up here, not as silently wrong training.
+    The check runs on a float64 CPU copy: it is about structure, and on a GPU TF32 rounding
+    through a deep network would exceed any tolerance tight enough to catch a mix-up."""
     bad = unsupported_layers(model)
     if bad:
         return f"layers that cannot be stacked: {', '.join(bad[:3])}"
+    model = copy.deepcopy(model).to("cpu", torch.float64)
+    x = x[:2].to("cpu", torch.float64)
     was_training = model.training
     try:
         stacked = stack_model(model, 2).eval()
