@@ -98,7 +98,7 @@ class FLSpec:
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
     engine: str = _f("auto", choices=["auto", "sequential", "batched"],
                      help="client training: one after another, or a round's clients together as one computation "
-                          "(batched: for GPUs); auto picks batched on CUDA where the model allows it")
+                          "(batched); auto picks the one measured faster (sequential for now)")
     batched_clients: int = _f(0, lo=0, hi=1_000_000,
                               help="batched engine: most clients trained at once (0: as many as fit in memory)")
 

@@ -11,6 +11,8 @@ penalty and step size), SAP, AGC and the growth-gradient upload.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -167,6 +169,8 @@ def test_auto_is_sequential_on_cpu_and_batched_is_checked(tmp_path):
     assert select_engine("auto", sim.model, x)[0] == "sequential"
     assert select_engine("batched", sim.model, x) == ("batched", "fl.engine: batched")
     assert sim.engine_name == "sequential" and "CPU" in sim.engine_reason
+    cuda_like = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # auto: sequential on GPUs too
+    assert select_engine("auto", sim.model, cuda_like)[0] == "sequential"
 
 
 class ChannelMixer(nn.Module):
