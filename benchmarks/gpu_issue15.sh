@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 experiments in one device-tool call (runs concurrently on one GPU).
+#   PHASE=mbdw: MobileNetV2 with uncentred depthwise filters, BN vs NSConv, momentum settings
 #   PHASE=sweep: static sparse FedAvg (density 0.1), BN vs NSConv variants, batch 64 and 8
-#   PHASE=paper: paper protocol FedMef vs FedDST (resumable: rerun while the machine is warm)
+#   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm)
 #   PHASE=step:  bench_step.py (memory and speed of one client step)
 # Needs carry/ (wheels + the CIFAR-10 archive). Results: $OUT/*.md and $OUT/metrics.tgz.
 set -u
@@ -121,10 +122,11 @@ elif [ "$PHASE" = sweep5 ]; then
   launch mb_ns_u_cal_lr1 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
 elif [ "$PHASE" = paper ]; then
   P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200})
-  # the shipped recipes; mef_r18_d99: the same with the learning rate decaying 10x per 230 rounds
+  # the shipped recipes; MobileNetV2 on CIFAR-10 (the archive at hand), FedDST with its own settings
   launch mef_r18 fedmef_resnet18_cifar10.yaml "${P[@]}"
   launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
-  launch mef_r18_d99 fedmef_resnet18_cifar10.yaml "${P[@]}" --set fl.lr_decay=0.99
+  launch mef_mb fedmef_mobilenetv2_cinic10.yaml "${P[@]}" --set data.dataset=cifar10
+  launch dst_mb feddst_resnet18_cifar10.yaml "${P[@]}" --set model.arch=mobilenetv2
 elif [ "$PHASE" = step ]; then
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step.json" 2>&1 | tail -12 | tee "$OUT/step.md"
 fi
