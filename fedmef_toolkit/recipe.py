@@ -392,6 +392,8 @@ def resolve_recipe_path(name: str) -> tuple[str, str]:
             return str(path), path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read recipe: {exc}", str(path)) from None
+    if path.exists():
+        raise UserError("not a regular file (a recipe is a YAML file)", str(path))
     bundled = importlib.resources.files("fedmef_toolkit.recipes")
     fname = name if name.endswith(".yaml") else name + ".yaml"
     candidate = bundled / Path(fname).name

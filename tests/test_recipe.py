@@ -154,3 +154,9 @@ def test_oversized_recipe_is_refused_before_parsing(tmp_path):
 def test_override_with_an_alias_is_a_plain_string_refused_by_type(tmp_path):
     with pytest.raises(UserError, match="fl.lr: expected float"):
         load_recipe("quickstart.yaml", ["fl.lr=*x"])
+
+
+def test_recipe_path_that_is_not_a_file_is_named_as_such(tmp_path):
+    with pytest.raises(UserError, match="not a regular file") as err:
+        load_recipe(str(tmp_path))  # a directory
+    assert str(tmp_path) in str(err.value)
