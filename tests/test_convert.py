@@ -176,20 +176,25 @@ def test_cli_convert_and_train_from_converted(tmp_path):
     assert isinstance(final.features[0][0], NSConv2d)
 
 
-def test_converted_model_trains_stably_under_the_shipped_fedmef_settings(tmp_path):
-    """The FedMef recipe's large step (lr 0.3, AGC) must not make a converted model diverge."""
+@pytest.mark.parametrize("arch, recipe, shipped", [
+    ("resnet18", "fedmef_resnet18_cifar10.yaml", ("lr: 0.3", "agc: 0.16")),
+    ("mobilenetv2", "fedmef_mobilenetv2_cinic10.yaml", ("lr: 0.01", "momentum: 0.9")),
+])
+def test_converted_model_trains_stably_under_the_shipped_fedmef_settings(tmp_path, arch, recipe, shipped):
+    """The FedMef recipes' settings (ResNet18: lr 0.3 with AGC; MobileNetV2: momentum 0.9)
+    must not make a converted model diverge."""
     import json
 
-    src = tmp_path / "r18.pt"
+    src = tmp_path / "bn.pt"
     torch.manual_seed(0)
-    bn_model = get_model("resnet18", 4, width=0.25)
+    bn_model = get_model(arch, 4, width=0.25)
     for m in bn_model.modules():  # BN statistics as a trained network has them, not the identity
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     torch.save(bn_model.state_dict(), src)
-    out = tmp_path / "r18_ns.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "convert", str(src), "--arch", "resnet18",
+    out = tmp_path / "ns.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "convert", str(src), "--arch", arch,
                            "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     sets = ["data.dataset=synthetic", "data.root=", "data.num_clients=6", "data.synthetic.num_samples=400",
@@ -197,13 +202,12 @@ def test_converted_model_trains_stably_under_the_shipped_fedmef_settings(tmp_pat
             "fl.local_epochs=1", "fl.rounds=3", "fl.batch_size=16", "method.sparsity.delta_t=2", "eval.every=1",
             f"model.init={out}", f"output.dir={tmp_path / 'runs'}", "output.name=conv", "output.memory_report=false",
             "device=cpu"]
-    cmd = [sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--recipe", "fedmef_resnet18_cifar10.yaml",
-           "--no-progress"]
+    cmd = [sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--recipe", recipe, "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(x) for x in (tmp_path / "runs" / "conv" / "metrics.jsonl").read_text().splitlines()]
     recipe = (tmp_path / "runs" / "conv" / "recipe.yaml").read_text()
-    assert "lr: 0.3" in recipe and "agc: 0.16" in recipe  # the shipped settings were in force
+    assert all(s in recipe for s in shipped)  # the shipped settings were in force
     assert len(rows) == 3 and all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in rows)
