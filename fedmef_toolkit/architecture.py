@@ -40,8 +40,10 @@ def _number(value, key: str, lo: float, hi: float, integer: bool, source, lo_ope
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         _bad(source, f"{key} must be {'an integer' if integer else 'a number'}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
-        _bad(source, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+    finite = isinstance(value, int) or math.isfinite(value)  # isfinite overflows on huge integers
+    if not finite or value < lo or value > hi or (lo_open and value == lo):
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
+        _bad(source, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {shown}")
 
 
 def _check_kwargs(kwargs, allowed: dict, source, where: str) -> None:

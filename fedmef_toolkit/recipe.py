@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, brief
 from .storage import check_path_text
 
 
@@ -204,10 +204,12 @@ def _coerce(value, tp, where: str, src: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number or isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):  # YAML 1.1: 5e-5 is a string
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise UserError(f"{where}: must be a finite number, got an integer too large for a float", src) from None
     elif tp is str:
         if isinstance(value, str):
             if "\x00" in value:
@@ -348,6 +350,8 @@ def parse_yaml(text: str, src: str):
         raise UserError(str(exc), src) from None
     except RecursionError:
         raise UserError("recipe is nested too deeply", src) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"malformed YAML: {brief(exc, 120)}", src) from None
     except yaml.YAMLError as exc:
         where = _at_line(getattr(exc, "problem_mark", None))
         raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', None) or 'cannot parse'}", src) from None

@@ -2,7 +2,7 @@
 hashes, one-line I/O errors and the fault-injection hook.
 
 - `save_safetensors(path, tensors, metadata)`: a safetensors file with a content hash
-  (`fedmef_sha256` in its metadata), written to `<name>.tmp`, flushed, renamed over `path`
+  (`fedmef_sha256` in its metadata), written to `<name>.<pid>-<random>.tmp`, flushed, renamed over `path`
   (and the directory entry flushed): a kill leaves the old file or the new one, never a part.
 - `write_text_atomic(path, text)`: the same for text files.
 - `append_line(handle, path, line)`: one JSON line appended and flushed (metrics.jsonl is only
@@ -28,6 +28,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -153,9 +154,10 @@ def _write_fd(fd: int, data: bytes | memoryview) -> None:
 def replace_bytes(path: Path, data: bytes) -> None:
     """Atomically replace `path` with `data` (fault points: partial, written, replaced)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    # a name of its own: two processes replacing one file never write into each other's temp file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             half = len(data) // 2
             _write_fd(fd, memoryview(data)[:half])
@@ -191,20 +193,49 @@ def save_safetensors(path: Path, tensors: "dict[str, torch.Tensor]", metadata: d
     replace_bytes(Path(path), save(tensors, metadata=meta))
 
 
+def open_append(path: Path):
+    """`path` opened for appending, unbuffered and binary (for `append_line`): nothing waits in a
+    buffer, so a failed write (full disk) leaves nothing for close() to fail on again."""
+    try:
+        return open(path, "ab", buffering=0)
+    except OSError as exc:
+        raise io_error(exc, path) from None
+
+
 def append_line(handle, path: Path, line: str) -> None:
-    """Append one line and flush it; a kill mid-line leaves a torn last line, which readers
-    (resume) drop. Fault points: partial, appended."""
+    """Append one line to a handle from `open_append`; a kill mid-line leaves a torn last
+    line, which readers (resume) drop. Fault points: partial, appended."""
+    data = (line + "\n").encode("utf-8")
     try:
         if faults_active():  # a torn line on demand; otherwise one write, so Ctrl-C tears nothing
-            handle.write(line[: len(line) // 2])
-            handle.flush()
+            half = len(data) // 2
+            _write_fd(handle.fileno(), data[:half])
             fault_point("partial", path)
-            line = line[len(line) // 2:]
-        handle.write(line + "\n")
-        handle.flush()
+            data = data[half:]
+        _write_fd(handle.fileno(), data)
     except OSError as exc:
         raise io_error(exc, path) from None
     fault_point("appended", path)
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an advisory lock on a run directory for as long as the returned handle is open:
+    a second `fedmef train --resume` of the same run is refused instead of interleaving."""
+    path = Path(run_dir) / ".lock"
+    try:
+        handle = open(path, "a")
+    except OSError as exc:
+        raise io_error(exc, path) from None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError("the run is in use by another fedmef process", str(run_dir)) from None
+    return handle
 
 
 def truncate_to(path: Path, size: int) -> None:
@@ -245,7 +276,10 @@ def check_path_text(text: str, where: str, name_only: bool = False) -> str | Non
     """Why a recipe's path or file name cannot be used (None when it can)."""
     if "\x00" in text:
         return f"{where}: contains a NUL byte"
-    size = len(text.encode("utf-8", "surrogateescape"))
+    try:
+        size = len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a lone surrogate that no file system name can hold
+        return f"{where}: not valid UTF-8 text"
     if size > (MAX_NAME_BYTES if name_only else MAX_PATH_BYTES):
         return f"{where}: too long ({size} bytes; at most {MAX_NAME_BYTES if name_only else MAX_PATH_BYTES})"
     if name_only and (not text or "/" in text or "\\" in text or text in (".", "..")):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,3 +216,28 @@ def test_files_without_a_hash_are_accepted_and_said_to_be(tmp_path, finished_run
     (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
     with pytest.raises(UserError, match="content hash mismatch"):
         load_model(tmp_path / "flipped.safetensors")
+
+
+def test_a_real_full_disk_while_logging_metrics_names_the_file(tmp_path):
+    """/dev/full fails every write with ENOSPC: the one-line error names the file (no second,
+    path-less error from a buffered flush at close)."""
+    from fedmef_toolkit.storage import StorageError, append_line, open_append
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    with pytest.raises(StorageError, match="metrics.jsonl"):
+        with open_append(Path("/dev/full")) as log:
+            append_line(log, tmp_path / "metrics.jsonl", '{"round": 1}')
+
+
+def test_a_second_process_cannot_write_a_locked_run(tmp_path):
+    from fedmef_toolkit.errors import UserError
+    from fedmef_toolkit.storage import lock_run_dir
+
+    held = lock_run_dir(tmp_path)
+    try:
+        with pytest.raises(UserError, match="in use by another fedmef process"):
+            lock_run_dir(tmp_path)  # flock locks are per open file: a second open is refused
+    finally:
+        held.close()
+    lock_run_dir(tmp_path).close()  # free again once released

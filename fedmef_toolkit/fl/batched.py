@@ -227,8 +227,11 @@ class BatchedEngine:
             fit = int(0.6 * free // per_client)
             self.group_reason = f"{free / 2**30:.1f} GiB free, about {per_client / 2**20:.0f} MiB per client"
         else:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            fit = min(CPU_MAX_CLIENTS, int(0.5 * avail // per_client))
+            try:
+                avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                fit = min(CPU_MAX_CLIENTS, int(0.5 * avail // per_client))
+            except (ValueError, OSError, AttributeError):  # no such sysconf name (macOS, Windows)
+                fit = CPU_MAX_CLIENTS
             self.group_reason = f"CPU: at most {CPU_MAX_CLIENTS}, about {per_client / 2**20:.0f} MiB per client"
         return max(1, min(clients, fit))
 

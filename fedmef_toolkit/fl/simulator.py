@@ -29,7 +29,7 @@ from ..models import model_kwargs_from_spec
 from ..recipe import Recipe, recipe_to_yaml
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
-from ..storage import append_line, io_error, truncate_to, write_text_atomic
+from ..storage import append_line, io_error, lock_run_dir, open_append, truncate_to, write_text_atomic
 from .checkpoint import CKPT, load_checkpoint, load_checkpoint_round, save_checkpoint, save_model
 from .client import ClientData, ClientTrainer
 from .engine import build_engine, select_engine
@@ -110,6 +110,7 @@ class Simulator:
         self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients)
         self.start_round = 0
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
+        self._lock = None  # the run directory's advisory lock, from the first write on
 
     # -- construction -------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -159,12 +160,24 @@ class Simulator:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise io_error(exc, self.run_dir, "cannot create the run directory") from None
+        self.lock()
         write_text_atomic(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
         write_text_atomic(self.run_dir / "partition.json", json.dumps({
             "num_clients": len(self.parts), "classes": self.data.classes,
             "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
 
+    def lock(self) -> None:
+        """Take the run directory's lock (kept until `unlock`): one process writes a run."""
+        if self._lock is None:
+            self._lock = lock_run_dir(self.run_dir)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def resume(self) -> None:
+        self.lock()
         metrics = self.run_dir / "metrics.jsonl"
         if not (self.run_dir / CKPT).exists() and not (metrics.exists() and metrics.stat().st_size):
             self.write_run_files()  # killed before its round-0 checkpoint: nothing to lose, start over
@@ -269,15 +282,16 @@ class Simulator:
             f"the last checkpoint (round {last}) is intact; lower fl.lr or set fl.agc (e.g. 0.16) and start again",
             str(self.run_dir))
 
-    def _open_metrics(self):
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            return open(path, "a")
-        except OSError as exc:
-            raise io_error(exc, path) from None
-
     # -- the loop -----------------------------------------------------------
     def run(self) -> list[dict]:
+        """Run the remaining rounds; the run directory stays locked until they end."""
+        self.lock()
+        try:
+            return self._run()
+        finally:
+            self.unlock()
+
+    def _run(self) -> list[dict]:
         from ..progress import RoundProgress
 
         fl, out = self.recipe.fl, self.recipe.output
@@ -288,7 +302,7 @@ class Simulator:
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
-                self._open_metrics() as log:
+                open_append(self.run_dir / "metrics.jsonl") as log:
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes

@@ -66,7 +66,7 @@ class NormPolicy:
         frequency is lost (BatchNorm after a depthwise conv subtracts one mean per
         channel instead). So BN-free depthwise filters are standardised to unit
         norm without centring, and the ReLU's expected mean is taken off their
-        input instead (folded into the bias, see `NSConv2d.effective_bias`).
+        input instead (`NSConv2d(input_mean=...)`, see `layers.nsconv.response_to_ones`).
         `center_depthwise=True` gives the plain NSConv of SPEC section 4.
         """
         if self.norm == "nsconv" and not self.center_depthwise:
