@@ -178,15 +178,22 @@ def csv_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_table(header, rows, console) -> None:
+    """One rich table per group (the group is its title)."""
     from rich.table import Table
 
-    table = Table(title="fedmef compare", caption="client memory: the memory report's weights + saved activations "
-                                                  "of one step; bytes: totals over all rounds and clients")
-    for col in header:
-        table.add_column(col, justify="left" if col in ("group", "run", "method", "model") else "right")
+    groups: dict[str, list[list[str]]] = {}
     for row in rows:
-        table.add_row(*row)
-    console.print(table)
+        groups.setdefault(row[0], []).append(row[1:])
+    for gname, members in groups.items():
+        table = Table(title=gname, title_justify="left")
+        for col in header[1:]:
+            left = col in ("run", "method", "model")
+            table.add_column(col, justify="left" if left else "right", no_wrap=col in ("run", "method"))
+        for row in members:
+            table.add_row(*row)
+        console.print(table)
+    console.print("client memory: the memory report's weights + saved activations of one step (memory.json); "
+                  "bytes: totals over all rounds and clients", highlight=False)
 
 
 def _pyplot():
