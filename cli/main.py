@@ -6,6 +6,7 @@ import click
 
 from fedmef_toolkit import __version__
 
+from .compare import compare
 from .convert import convert
 from .export import eval_cmd, export, inspect
 from .recipes import recipes
@@ -26,6 +27,7 @@ main.add_command(inspect)
 main.add_command(eval_cmd)
 main.add_command(recipes)
 main.add_command(report)
+main.add_command(compare)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,12 @@ from .common import console, user_errors
 def recipes(name, reference):
     """List bundled recipes, or print one (NAME) or the recipe reference."""
     if reference:
+        from fedmef_toolkit.fl.strategies import METHODS
+
+        methods = Table("method.name", "recipe section", "what it is", title="methods")
+        for info in METHODS.values():
+            methods.add_row(info.name, f"method.{info.section}" if info.section else "-", info.summary)
+        console.print(methods)
         table = Table("key", "type", "default", "meaning")
         for key, tp, default, text in describe_fields():
             table.add_row(key, tp, repr(default), text)

@@ -25,15 +25,10 @@ from typing import Any
 import yaml
 
 from .errors import UserError, brief
+from .fields import spec_field as _f
+from .fl.strategies.fedmef import BaESpec  # noqa: F401  (importable from here, as before)
+from .fl.strategies.registry import METHODS
 from .storage import check_path_text
-
-
-def _f(default, *, lo=None, hi=None, lo_open=False, choices=None, help=""):
-    """A recipe field with its validation range or choices."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -115,29 +110,26 @@ class SparsitySpec:
 
 
 @dataclass
-class BaESpec:
-    enabled: bool = _f(True)
-    rounds: int = _f(1, lo=1, hi=1_000_000, help="rounds ending with an adjustment round that run extrusion")
-    lam: float = _f(0.01, lo=0.0, hi=1e6)
-    penalty: str = _f("l2sq", choices=["l2sq", "l2"], help="lambda*||theta_low||^2 (paper) or unsquared (authors' code)")
-    sigmoid_norm: str = _f("l2", choices=["l2", "l1"])
-    max_lr: float | None = _f(None, lo=0.0, lo_open=True, hi=100.0)
-    psi: float = _f(1.0, lo=0.0, hi=1e6)
-
-
-@dataclass
 class SAPSpec:
     enabled: bool = _f(False)
     gamma: float = _f(0.5, lo=0.0, hi=0.999, help="fraction of each layer input dropped from what backward keeps")
     selection: str = _f("per_sample", choices=["per_sample", "per_tensor"])
 
 
-@dataclass
-class MethodSpec:
-    name: str = _f("fedavg", choices=["fedavg", "fedavg_sparse", "feddst", "fedmef"])
-    sparsity: SparsitySpec = field(default_factory=SparsitySpec)
-    bae: BaESpec = field(default_factory=BaESpec)
-    sap: SAPSpec = field(default_factory=SAPSpec)
+def _method_spec():
+    """`method`: the method's name (choices from the registry), the shared sparsity and SAP
+    sections, and each registered method's own section (`method.<section>`)."""
+    fields = [("name", str, _f("fedavg", choices=list(METHODS), help="federated method (fedmef recipes --reference "
+                                                                       "lists them)")),
+              ("sparsity", SparsitySpec, field(default_factory=SparsitySpec))]
+    fields += [(i.section, i.spec, field(default_factory=i.spec)) for i in METHODS.values() if i.spec is not None]
+    fields.insert(3, ("sap", SAPSpec, field(default_factory=SAPSpec)))  # after bae, where it always was
+    cls = dataclasses.make_dataclass("MethodSpec", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+MethodSpec = _method_spec()
 
 
 @dataclass
@@ -173,8 +165,18 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Content hash of the settings that shape the run (resume refuses another recipe's checkpoint).
+        Other methods' own sections are left out, so a setting of one method never invalidates a
+        run of another; `method.bae` stays in every digest, as before the registry existed."""
+        data = self.to_dict()
+        for info in METHODS.values():
+            if info.section and info.name != self.method.name and info.section not in _ALWAYS_HASHED:
+                data["method"].pop(info.section, None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_ALWAYS_HASHED = {"bae"}  # sections hashed for every method (digests of runs from before the registry)
 
 
 # --------------------------------------------------------------------------
@@ -277,7 +279,7 @@ def _check_consistency(r: Recipe, src: str) -> None:
     if not (r.device in ("auto", "cpu", "cuda") or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
         raise UserError(f"device: '{r.device}' is not auto, cpu, cuda or cuda:N", src)
     sp = r.method.sparsity
-    if r.method.name in ("feddst", "fedmef") and sp.t_end < sp.delta_t:
+    if METHODS[r.method.name].dynamic and sp.t_end < sp.delta_t:
         raise UserError(
             f"method.sparsity.t_end ({sp.t_end}) < delta_t ({sp.delta_t}): no mask adjustment would ever run", src
         )

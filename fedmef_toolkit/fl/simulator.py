@@ -34,7 +34,7 @@ from .checkpoint import CKPT, load_checkpoint, load_checkpoint_round, save_check
 from .client import ClientData, ClientTrainer
 from .engine import build_engine, select_engine
 from .evaluate import evaluate
-from .strategies import build_strategy
+from .strategies import ServerContext, build_strategy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +109,7 @@ class Simulator:
         self.engine_name, self.engine_reason = select_engine(fl.engine, self.model, example)
         self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients)
         self.start_round = 0
+        self.resumed = False
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
         self._lock = None  # the run directory's advisory lock, from the first write on
 
@@ -197,6 +198,7 @@ class Simulator:
             raise UserError(f"cannot resume: checkpoint does not fit the recipe ({brief(exc)})",
                             str(self.run_dir)) from None
         self.start_round = int(state["round"])
+        self.resumed = True
         self.totals = state["totals"]
         if metrics.exists():  # cut rounds logged after the checkpoint (and a torn line) off the end
             try:
@@ -216,6 +218,40 @@ class Simulator:
                 "recipe_digest": self.recipe.digest(), "val_accuracy": "" if acc is None else f"{acc:.6f}",
                 "toolkit_version": __version__}
         save_model(self.run_dir / "model.safetensors", self.model.state_dict(), meta)
+
+    # -- before round 1 -----------------------------------------------------
+    def server_context(self) -> ServerContext:
+        def run_clients(tag, model, cids, make_plan):
+            clients = [ClientData(c, self.client_indices[c].to(self.device)) for c in cids]
+            return self.engine.run_round(tag, model, clients, make_plan)
+
+        def client_batches(cid, max_batches):
+            idx = self.client_indices[cid].to(self.device)
+            bs = self.recipe.fl.batch_size
+            for s in range(0, min(len(idx), max_batches * bs), bs):
+                part = idx[s:s + bs]
+                yield self.augment.normalize(self.train_x[part]), self.train_y[part]
+
+        return ServerContext(len(self.parts), self.recipe.seed, self.recipe.fl.lr, run_clients, client_batches,
+                             [len(p) for p in self.parts], self.evaluate)
+
+    def prepare(self) -> dict | None:
+        """The strategy's one-off work with clients before round 1 (round 0 of metrics.jsonl)."""
+        t0 = time.perf_counter()
+        row = self.strategy.prepare(self.model, self.server_context())
+        if not row:
+            return None
+        up, down = int(row.pop("bytes_up", 0)), int(row.pop("bytes_down", 0))
+        self.totals["bytes_up"] += up
+        self.totals["bytes_down"] += down
+        elapsed = time.perf_counter() - t0
+        self.totals["time_s"] += elapsed
+        acc, loss = self.evaluate(self.model)
+        masks = get_masks(self.model)
+        return {"round": 0, **row, "density": mask_density(masks) if masks else 1.0, "bytes_up": up,
+                "bytes_down": down, "bytes_up_total": self.totals["bytes_up"],
+                "bytes_down_total": self.totals["bytes_down"], "time_s": round(elapsed, 4), "eval_acc": acc,
+                "eval_loss": loss, "eval_split": self.data.eval_name}
 
     # -- one round ----------------------------------------------------------
     def sample_clients(self, t: int) -> list[int]:
@@ -297,12 +333,15 @@ class Simulator:
         fl, out = self.recipe.fl, self.recipe.output
         rows: list[dict] = []
         last_acc = None
+        prep = self.prepare() if self.start_round == 0 and not self.resumed else None
         if self.start_round == 0:  # a run killed before its first periodic checkpoint still resumes
             self.checkpoint(0)
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
                 open_append(self.run_dir / "metrics.jsonl") as log:
+            if prep is not None:
+                append_line(log, self.run_dir / "metrics.jsonl", json.dumps(prep))
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes

@@ -180,7 +180,9 @@ def build_report(configs: list[MemoryConfig], batch_size: int, image_size: int, 
 
 def configs_for_recipe(recipe) -> list[MemoryConfig]:
     m, meth = recipe.model, recipe.method
-    density = 1.0 if meth.name == "fedavg" else meth.sparsity.density
+    from ..fl.strategies import method_info
+
+    density = meth.sparsity.density if method_info(meth.name).sparse else 1.0
     subject = MemoryConfig("this recipe", m.arch, m.norm, m.width, density, meth.sap.enabled, meth.sap.gamma,
                            meth.sap.selection, recipe.fl.momentum)
     ref = MemoryConfig("reference: BN, no SAP", m.arch, "bn", m.width, density, False, 0.0, "per_sample",

@@ -64,15 +64,24 @@ def magnitude_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(weight)
 
 
-def init_masks(model: nn.Module, density: float, distribution: str, init: str, seed: int) -> dict[str, torch.Tensor]:
-    """Initial masks with exactly round(density_l * size_l) active entries per layer."""
+def layer_counts(model: nn.Module, density: float, distribution: str) -> dict[str, int]:
+    """Active entries per layer at `density`: round(density_l * size_l), at least 1."""
     shapes = weight_shapes(model)
     dens = layer_densities(shapes, density, distribution)
+    counts = {}
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        counts[name] = max(1, min(numel, round(dens[name] * numel)))
+    return counts
+
+
+def init_masks(model: nn.Module, density: float, distribution: str, init: str, seed: int) -> dict[str, torch.Tensor]:
+    """Initial masks with exactly round(density_l * size_l) active entries per layer."""
+    counts = layer_counts(model, density, distribution)
     gen = torch.Generator().manual_seed(seed)
     masks = {}
     for name, mod in prunable_modules(model).items():
-        numel = mod.weight.numel()
-        k = max(1, min(numel, round(dens[name] * numel)))
+        k = counts[name]
         masks[name] = random_mask(mod.weight.shape, k, gen) if init == "random" else magnitude_mask(mod.weight.cpu(), k)
     return masks
 

@@ -16,6 +16,7 @@ from ...sparse.masks import MASK_SUFFIX, get_masks, prunable_modules
 from ...sparse.schedules import adjustment_fraction, is_adjustment_round, swap_count
 from ..aggregate import masked_average
 from ..plan import ClientPlan
+from .registry import register_method
 from .sparse import StaticSparse
 
 
@@ -42,8 +43,11 @@ class LocalAdjustPlan(ClientPlan):
                 mods[name].weight.mul_(new_mask)  # grown entries were inactive, so they start at 0
 
 
+@register_method("feddst")
 class FedDST(StaticSparse):
-    name = "feddst"
+    """FedDST (Bibikar et al., AAAI 2022): clients adjust their own masks, the server merges them."""
+
+    dynamic = True
 
     def client_plan(self, t, lr, model):
         sp = self.recipe.method.sparsity

@@ -11,16 +11,40 @@ adjustment runs without extrusion (the "FedMef w/o BaE" ablation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+
+from ...fields import spec_field
 
 from ...sparse.adjust import prune_and_grow, smallest_active, sum_messages, topk_message
 from ...sparse.masks import get_masks, prunable_modules
 from ...sparse.schedules import (adjustment_fraction, bae_step_size, is_extrusion_round, next_adjustment_round,
                                  swap_count)
-from ..comm import mask_bytes
+from ..comm import mask_bytes, message_bytes, state_bytes
 from ..plan import ClientPlan
+from .registry import register_method
 from .sparse import StaticSparse
+
+
+@dataclass
+class BaESpec:
+    """Recipe section `method.bae`: budget-aware extrusion (SPEC 3)."""
+
+    enabled: bool = spec_field(True)
+    rounds: int = spec_field(1, lo=1, hi=1_000_000, help="rounds ending with an adjustment round that run extrusion")
+    lam: float = spec_field(0.01, lo=0.0, hi=1e6)
+    penalty: str = spec_field("l2sq", choices=["l2sq", "l2"],
+                              help="lambda*||theta_low||^2 (paper) or unsquared (authors' code)")
+    sigmoid_norm: str = spec_field("l2", choices=["l2", "l1"])
+    max_lr: float | None = spec_field(None, lo=0.0, lo_open=True, hi=100.0)
+    psi: float = spec_field(1.0, lo=0.0, hi=1e6)
+
+
+def growth_upload_bytes(result) -> int:
+    """A client's sparse model plus its top-k gradient message (FedMef, FedTiny)."""
+    return state_bytes(result.state) + message_bytes(result.upload.get("grow", {}).values())
 
 
 def masked_sq_norm(pairs) -> torch.Tensor:
@@ -73,8 +97,11 @@ class BaEPlan(GrowthPlan):
         return bae_step_size(s, self.budget, self.lr, self.lr0, norm, self.bae.psi, self.bae.max_lr)
 
 
+@register_method("fedmef", spec=BaESpec, section="bae")
 class FedMef(StaticSparse):
-    name = "fedmef"
+    """FedMef (Huang et al., CVPR 2024): server-side prune/grow with budget-aware extrusion."""
+
+    dynamic = True
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -137,6 +164,9 @@ class FedMef(StaticSparse):
     def download_bytes(self, model, t):
         extra = sum(mask_bytes(m) for m in self.low.values()) if self._sends_low(t) else 0
         return super().download_bytes(model, t) + extra
+
+    def upload_bytes(self, result):
+        return growth_upload_bytes(result)
 
     # -- server -------------------------------------------------------------
     def end_round(self, t, model, results, evaluate):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ...sparse.masks import apply_masks, attach_masks, init_masks
-from .base import Strategy
+from .fedavg import FedAvg
+from .registry import register_method
 
 
-class StaticSparse(Strategy):
-    name = "fedavg_sparse"
+@register_method("fedavg_sparse")
+class StaticSparse(FedAvg):
+    """FedAvg on a fixed sparse model (random ERK mask at method.sparsity.density)."""
+
+    sparse = True
 
     def setup(self, model: nn.Module, seed: int) -> None:
         sp = self.recipe.method.sparsity
