@@ -52,7 +52,7 @@ def test_checkpoint_source_and_dtypes(tmp_path):
         out = tmp_path / f"m_{dtype}.safetensors"
         export_model(sim.run_dir / "checkpoint.safetensors", out, dtype=dtype)
         meta = json.loads(load_file_meta(out)["provenance"])
-        assert meta["round"] == "2" and abs(meta["density"] - 0.2) < 0.01
+        assert meta["round"] == 2 and abs(meta["density"] - 0.2) < 0.01
         a = load_model(out)
         x = torch.randn(2, 3, 12, 12)
         sim.model.eval()
