@@ -38,13 +38,13 @@ def report(target, overrides, out_dir, device, as_json):
     subject = description = None
     if path.is_dir():
         run = RunDir.open(path)
-        recipe = load_recipe(str(run.recipe), list(overrides))
+        recipe = load_recipe(str(run.recipe), list(overrides), need_data=False)
         out_dir = out_dir or path
         num_classes, image_size = _run_shape(run, recipe)
         if (run.model.exists() or run.checkpoint.exists()) and not overrides:
             subject, description = _run_model(run, recipe)
     else:
-        recipe = load_recipe(target, list(overrides))
+        recipe = load_recipe(target, list(overrides), need_data=False)
         out_dir = out_dir or Path(".")
         num_classes, image_size = dataset_shape(recipe.data, recipe.seed)
     dev = resolve_device(device or recipe.device)

@@ -245,27 +245,40 @@ def mib(n) -> str:
 
 
 def render_table(report: dict, console) -> None:
+    """Quantities down, configurations across: fits 80 columns with any model name."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"memory of one client step, batch {report['batch_size']}, input "
-                        f"{'x'.join(map(str, report['input_shape']))}, {report['precision']} (MiB; measured on "
-                        f"{report['measured_on']})",
-                  caption="act est: per-layer formula; act meas: saved-tensor hooks, unique storages, parameters "
-                          "excluded; w copies: weight-shaped tensors saved (e.g. NSConv's standardised weight); "
-                          "paper: weights + measured activations")
-    for col in ["config", "weights", "grads", "optim", "act est", "act meas", "w copies", "paper", "CUDA peak"]:
-        table.add_column(col, justify="left" if col == "config" else "right")
-    for r in report["configurations"]:
-        a, m = r["analytic"], r["measured"]
+    rows = report["configurations"]
+    console.print(f"memory of one client step, batch {report['batch_size']}, input "
+                  f"{'x'.join(map(str, report['input_shape']))}, {report['precision']}, measured on "
+                  f"{report['measured_on']}", highlight=False)
+    for i, r in enumerate(rows):
         sap = f"SAP {r['sap']['gamma']:g}" if r["sap"]["enabled"] else "no SAP"
-        table.add_row(f"{r['arch']} {r['norm']} d={r['density']:g} {sap}",
-                      mib(a["weights"]), mib(a["gradients"]), mib(a["optimizer"]), mib(a["activations"]),
-                      mib(m["activations"]), mib(m["weight_derived_saved"]), mib(r["paper_figure"]),
-                      mib(m["cuda_peak_step"]))
+        console.print(f"  ({i + 1}) {r['name']}: {r['arch']}, density {r['density']:g}, {sap}, "
+                      f"{r['parameters']:,} params", highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("MiB")
+    for i in range(len(rows)):
+        table.add_column(f"({i + 1})", justify="right")
+    lines = [("weights (+masks)", lambda r: r["analytic"]["weights"]),
+             ("gradients", lambda r: r["analytic"]["gradients"]),
+             ("optimizer state", lambda r: r["analytic"]["optimizer"]),
+             ("activations, formula", lambda r: r["analytic"]["activations"]),
+             ("activations, measured", lambda r: r["measured"]["activations"]),
+             ("weight copies saved", lambda r: r["measured"]["weight_derived_saved"]),
+             ("paper figure", lambda r: r["paper_figure"])]
+    if any(r["measured"]["cuda_peak_step"] is not None for r in rows):
+        lines.append(("CUDA peak of a step", lambda r: r["measured"]["cuda_peak_step"]))
+    for label, get in lines:
+        table.add_row(label, *[mib(get(r)) for r in rows])
     console.print(table)
+    console.print("formula: per layer; measured: saved-tensor hooks, unique storages, parameters excluded; "
+                  "weight copies: weight-shaped tensors saved (e.g. NSConv's standardised weight); "
+                  "paper figure: weights + measured activations", highlight=False)
     red = report["reduction_vs_reference"]
     parts = [f"{k.replace('_', ' ')} {v * 100:.1f}% less" for k, v in red.items() if v is not None]
-    console.print("vs reference: " + ", ".join(parts), highlight=False)
+    console.print("(1) vs reference: " + ", ".join(parts), highlight=False)
 
 
 def write_chart(report: dict, path: Path) -> bool:

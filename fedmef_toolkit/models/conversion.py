@@ -21,6 +21,11 @@ class ConversionReport:
     folded_bn: list[str] = field(default_factory=list)  # BN names folded and removed
     params_before: int = 0
     params_after: int = 0
+    # outputs of the converted model against the original's on sample inputs (eval mode):
+    # ||after - before|| / ||before|| and the largest absolute difference (None: not measured)
+    relative_output_error: float | None = None
+    max_abs_output_error: float | None = None
+    sample_inputs: str = ""
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
