@@ -33,5 +33,18 @@ def convert(model_file, out, arch, image_size, trust_pickle, stats):
     table.add_row("BatchNorm layers folded and removed", str(len(report.folded_bn)))
     table.add_row("parameters before", f"{report.params_before:,}")
     table.add_row("parameters after", f"{report.params_after:,}")
+    if report.relative_output_error is not None:
+        table.add_row("output change (relative)", f"{report.relative_output_error:.3g}")
+        table.add_row("output change (max abs)", f"{report.max_abs_output_error:.3g}")
     console.print(table)
-    console.print(f"wrote {out}; use it with `--set model.init={out}`", highlight=False)
+    if report.relative_output_error is not None:
+        console.print(f"The converted model's outputs differ from the original's by {report.relative_output_error:.3g} "
+                      f"(relative, on {report.sample_inputs}): folding BatchNorm into a standardised conv is exact "
+                      "only for zero-mean filters. Fine-tune it before use.", highlight=False)
+    if src is None:
+        console.print(f"wrote {out}. It was converted from a pickled module, so it cannot be rebuilt from the file "
+                      "alone and `model.init` cannot train it: save the module's state_dict and convert that with "
+                      "--arch, or load it in Python with the original class.", highlight=False)
+    else:
+        console.print(f"wrote {out}; fine-tune it with `fedmef train --recipe RECIPE --set model.init={out}`",
+                      highlight=False)

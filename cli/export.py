@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fedmef_toolkit.errors import UserError, brief
 
-from .common import console, user_errors
+from .common import console, err_console, user_errors
 
 
 @click.command()
@@ -25,12 +25,13 @@ from .common import console, user_errors
 def export(source, fmt, dtype, out):
     """Export the model of a run directory or checkpoint (SOURCE)."""
     from fedmef_toolkit.export.api import export_model
+    from fedmef_toolkit.rundir import RunDir
 
     if not source.exists():
         raise UserError("not found", str(source))
-    base = source if source.is_dir() else source.parent
-    out = out or base / ("model.sparse.safetensors" if fmt == "sparse-safetensors" else "model.dense.safetensors")
-    if out.resolve() == (source if source.is_file() else source / "model.safetensors").resolve():
+    base = RunDir(source if source.is_dir() else source.parent)
+    out = out or base.export_path(fmt)
+    if out.resolve() in {(source if source.is_file() else base.model).resolve(), base.checkpoint.resolve()}:
         raise UserError("the output would replace the source; give another -o", str(out))
     t0 = time.perf_counter()
     s = export_model(source, out, fmt, dtype)
@@ -38,6 +39,8 @@ def export(source, fmt, dtype, out):
     console.print(f"wrote {out}: {s['tensors']} tensors ({s['csr']} CSR), density {s['density']:.4f}, "
                   f"{s['bytes'] / 2**20:.2f} MiB vs {s['dense_value_bytes'] / 2**20:.2f} MiB dense "
                   f"({s['bytes'] / max(1, s['dense_value_bytes']):.3f}x) in {dt:.2f} s", highlight=False)
+    if s["warning"]:
+        err_console.print(f"[bold yellow]warning:[/] {s['warning']}", highlight=False)
 
 
 @click.command()
@@ -49,8 +52,9 @@ def inspect(file, as_json):
     from fedmef_toolkit.export.api import inspect_file
 
     info = inspect_file(file)
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
+    if as_json:  # metadata values that hold JSON (layout, provenance, ...) become JSON, numbers numbers
+        click.echo(json.dumps({**info, "metadata": {k: _json_value(k, v) for k, v in info["metadata"].items()}},
+                              indent=1))
         return
     table = Table(title=escape(f"{file} ({info['bytes'] / 2**20:.2f} MiB)"))
     for col in ["tensor", "layout", "shape", "dtype", "density", "bytes"]:
@@ -65,6 +69,23 @@ def inspect(file, as_json):
     for key, value in info["metadata"].items():
         if key != "layout":
             console.print(f"[bold]{escape(key)}[/]: {escape(value)}", highlight=False, soft_wrap=True)
+
+
+_JSON_METADATA = {"layout", "provenance", "fedmef_arch", "fedmef_checkpoint_state"}
+_NUMBER_METADATA = {"round", "val_accuracy", "format_version"}
+
+
+def _json_value(key: str, text: str):
+    """A metadata value as JSON: the entries that hold JSON documents become objects and the
+    numeric ones numbers ('15' -> 15; '' -> null); the rest (digests, names) stay strings."""
+    try:
+        if key in _JSON_METADATA:
+            return json.loads(text)
+        if key in _NUMBER_METADATA:
+            return None if text == "" else json.loads(text)
+    except (ValueError, RecursionError, TypeError):
+        pass
+    return text
 
 
 @click.command(name="eval")

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import click
-from rich.table import Table
 
 from fedmef_toolkit.recipe import bundled_recipe_names, describe_fields, resolve_recipe_path
 
-from .common import console, user_errors
+from .common import user_errors
+
+
+def reference_text(width: int = 80) -> str:
+    """Every recipe key, one entry per key: `key: type = default` on its own line (never cut),
+    then its meaning and range wrapped below it, so it reads at any terminal width."""
+    from fedmef_toolkit.fl.strategies import METHODS
+
+    width = max(40, width)
+    lines = ["methods (method.name):"]
+    for info in METHODS.values():
+        section = f" [method.{info.section}]" if info.section else ""
+        lines += textwrap.wrap(f"{info.name}{section}: {info.summary}", width - 2, initial_indent="  ",
+                               subsequent_indent="      ")
+    lines += ["", "keys:"]
+    for key, tp, default, text in describe_fields():
+        lines.append(f"{key}: {tp} = {default!r}")
+        if text:
+            lines += textwrap.wrap(text, width - 4, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 @click.command()
@@ -17,16 +37,9 @@ from .common import console, user_errors
 def recipes(name, reference):
     """List bundled recipes, or print one (NAME) or the recipe reference."""
     if reference:
-        from fedmef_toolkit.fl.strategies import METHODS
+        import shutil
 
-        methods = Table("method.name", "recipe section", "what it is", title="methods")
-        for info in METHODS.values():
-            methods.add_row(info.name, f"method.{info.section}" if info.section else "-", info.summary)
-        console.print(methods)
-        table = Table("key", "type", "default", "meaning")
-        for key, tp, default, text in describe_fields():
-            table.add_row(key, tp, repr(default), text)
-        console.print(table)
+        click.echo(reference_text(min(100, shutil.get_terminal_size((80, 24)).columns)))
     elif name:
         _, text = resolve_recipe_path(name)
         click.echo(text)

@@ -13,15 +13,29 @@ from rich.markup import escape
 
 from fedmef_toolkit.errors import UserError
 from fedmef_toolkit.recipe import load_recipe, recipe_to_yaml
-from fedmef_toolkit.storage import StorageError, new_run_dir, write_text_atomic
+from fedmef_toolkit.rundir import RECIPE, RunDir
+from fedmef_toolkit.storage import StorageError, write_text_atomic
 
 from .common import console, err_console, user_errors
 
 
 def _new_run_dir(recipe) -> Path:
-    """Create the recipe's run directory (`fedmef_toolkit.storage.new_run_dir`)."""
-    return new_run_dir(Path(recipe.output.dir).expanduser(), recipe.output.name,
-                       f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Create the recipe's run directory (`fedmef_toolkit.rundir.RunDir.create`)."""
+    return RunDir.create(Path(recipe.output.dir).expanduser(), recipe.output.name,
+                         f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}").path
+
+
+def _resume_recipe(run: RunDir, overrides: list[str]):
+    """(recipe to continue with, the recipe the run was started with). Only fl.rounds may
+    change on resume (to extend a finished run or shorten an unfinished one)."""
+    previous = load_recipe(str(run.recipe))
+    if not overrides:
+        return previous, previous
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    if any(k != "fl.rounds" for k in keys) or not all("=" in o for o in overrides):
+        raise UserError("--resume takes the recipe saved in the run directory; only --set fl.rounds=N may change "
+                        f"(to train more rounds), got {', '.join(k for k in keys if k != 'fl.rounds') or overrides[0]}")
+    return load_recipe(str(run.recipe), list(overrides)), previous
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -39,14 +53,11 @@ def train(recipe_name, overrides, resume_dir, no_progress):
     """Train a federated model from a recipe."""
     from fedmef_toolkit.fl.simulator import Simulator
 
+    previous = None
     if resume_dir is not None:
-        if recipe_name or overrides:
-            raise UserError("--resume takes the recipe saved in the run directory; drop --recipe/--set")
-        recipe_file = resume_dir / "recipe.yaml"
-        if not recipe_file.is_file():
-            raise UserError("not a run directory (no recipe.yaml; a run killed as it was created has none: "
-                            "remove it and start again)", str(resume_dir))
-        recipe = load_recipe(str(recipe_file))
+        if recipe_name:
+            raise UserError("--resume takes the recipe saved in the run directory; drop --recipe")
+        recipe, previous = _resume_recipe(RunDir.open(resume_dir), list(overrides))
         run_dir = resume_dir
     else:
         if not recipe_name:
@@ -54,24 +65,37 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         recipe = load_recipe(recipe_name, list(overrides))
         run_dir = _new_run_dir(recipe)
         try:  # first, so that a run killed from here on can be resumed
-            write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+            write_text_atomic(run_dir / RECIPE, recipe_to_yaml(recipe))
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    err_console.print(f"[bold]fedmef[/] {recipe.method.name} | {recipe.model.arch}/{recipe.model.norm} | "
-                      f"{recipe.data.dataset} | run dir {escape(str(run_dir))}", highlight=False)
+    model = f"model.init {recipe.model.init}" if recipe.model.init else f"{recipe.model.arch}/{recipe.model.norm}"
+    err_console.print(f"[bold]fedmef[/] {recipe.method.name} | {escape(model)} | "
+                      f"{recipe.data.dataset} | run dir {escape(str(run_dir))}", highlight=False, soft_wrap=True)
     try:
         sim = Simulator(recipe, run_dir, console=err_console, show_progress=not no_progress)
     except BaseException:
-        if resume_dir is None and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
+        if resume_dir is None and {p.name for p in run_dir.iterdir()} <= {RECIPE}:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was run: leave no run directory behind
         raise
+    if sim.built.init:
+        n = sum(p.numel() for p in sim.model.parameters())
+        err_console.print(f"model: {escape(sim.built.label)} ({n:,} parameters; model.arch/norm/width are not used)",
+                          highlight=False, soft_wrap=True)
     if sim.calibration and resume_dir is None:
         f = list(sim.calibration.values())
         err_console.print(f"NSConv gains calibrated on client 0's images: {len(f)} layers, factors "
                           f"{min(f):.2f}..{max(f):.2f}", highlight=False)
     if resume_dir is not None:
-        sim.resume()
+        sim.resume(previous.digest())
+        if recipe is not previous:
+            if sim.start_round > recipe.fl.rounds:
+                raise UserError(f"the run is at round {sim.start_round}; fl.rounds={recipe.fl.rounds} cannot end it "
+                                "earlier", str(run_dir))
+            write_text_atomic(run_dir / RECIPE, sim.recipe_text())  # later resumes continue to the new end
+            note = (f"; the {recipe.fl.lr_schedule} lr schedule now spans {recipe.fl.rounds} rounds"
+                    if recipe.fl.lr_schedule != "constant" else "")
+            err_console.print(f"fl.rounds {previous.fl.rounds} -> {recipe.fl.rounds}{note}", highlight=False)
         err_console.print(f"resuming after round {sim.start_round}", highlight=False)
     else:
         try:
@@ -97,7 +121,7 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         signal.signal(signal.SIGTERM, previous)
     from fedmef_toolkit.plots import write_accuracy_curves
 
-    write_accuracy_curves([run_dir], run_dir / "accuracy.png")
+    write_accuracy_curves([run_dir], RunDir(run_dir).accuracy_png)
     last = next((r for r in reversed(rows) if "eval_acc" in r), None)
     if last:
         console.print(f"final {last.get('eval_split', 'val')} accuracy [bold]{last['eval_acc']:.4f}[/] after round "

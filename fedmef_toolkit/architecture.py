@@ -4,6 +4,11 @@ Two kinds, stored in the metadata of every model file we write:
   {"kind": "registry", "kwargs": {"name": ..., "num_classes": ..., "norm": ..., ...}}
   {"kind": "converted", "source": {...}, "converted": [conv names], "nsconv": {...}}
 
+This module is the one place that turns a description (or a model file) into a module:
+`build_from_description`, `build_source` / `build_converted` (models written by `fedmef
+convert`), `read_model_file` and `load_model_file` (any model file we write, dense or
+sparse). Recipes go through `fedmef_toolkit.assembly.build_model`, which lands here too.
+
 Files come from strangers, so a description is checked against a schema
 (`validate_description`: types, allowed names, bounded sizes) and a model is
 first built on the `meta` device (no memory) and compared with the tensors the
@@ -15,11 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError, brief
+from .models import get_model
+from .models.conversion import convert_module
+from .rundir import ARCH_KEY
 
 MAX_DESCRIPTION_BYTES = 1 << 20
 MAX_NUM_CLASSES = 100_000
@@ -143,13 +152,50 @@ def build_from_description(desc: dict, source: str | None = None) -> nn.Module:
             if kwargs.get("norm") == "nsconv":
                 kwargs.setdefault("nsconv_center_depthwise", True)
             return build_from_kwargs(kwargs)
-        from .convert import build_converted
-
         return build_converted(desc)
     except UserError:
         raise
     except Exception as exc:  # a schema-valid but unbuildable combination
         raise UserError(f"invalid model description: cannot build it ({brief(exc, 160)})", source) from None
+
+
+def _torchvision_builder(name: str):
+    import torchvision.models as tvm
+
+    fn = getattr(tvm, name, None)
+    return fn if callable(fn) and name in tvm.list_models(module=tvm) else None
+
+
+def build_source(desc: dict) -> nn.Module:
+    """Instantiate the (BN) source architecture a description names."""
+    kind, name, kwargs = desc["source"], desc["name"], dict(desc.get("kwargs", {}))
+    if kind == "registry":
+        return get_model(name, **kwargs)
+    if kind == "torchvision":
+        builder = _torchvision_builder(name)
+        if builder is None:
+            raise UserError(f"unknown torchvision architecture '{name}'")
+        return builder(weights=None, **kwargs)
+    raise UserError(f"cannot rebuild a model of source '{kind}' (pickled modules are not rebuildable from a file)")
+
+
+def build_converted(desc: dict) -> nn.Module:
+    """The converted module tree (NSConv in place of conv+BN), weights uninitialised."""
+    if desc.get("source") is None:
+        raise UserError("this file was converted from a pickled module and cannot be rebuilt without its class")
+    model = build_source(desc["source"])
+    convert_module(model, desc.get("nsconv") or {}, fold=False, only=desc["converted"])
+    return model
+
+
+def describe(desc: dict) -> str:
+    """A short human name for a description: 'resnet18/nsconv' or 'converted torchvision resnet18'."""
+    if desc.get("kind") == "registry":
+        kw = desc["kwargs"]
+        width = f" x{kw['width']:g}" if kw.get("width", 1.0) != 1.0 else ""
+        return f"{kw['name']}/{kw.get('norm', 'bn')}{width}"
+    src = desc.get("source")
+    return "converted pickled module" if src is None else f"converted {src['source']} {src['name']}"
 
 
 def check_fits(desc: dict, shapes: dict[str, tuple], source: str | None = None,
@@ -186,3 +232,45 @@ def parse_description(text: str, source: str) -> dict:
     except (ValueError, TypeError, RecursionError):
         raise UserError("corrupt model description in metadata", source) from None
     return validate_description(desc, source)
+
+
+# -- model files ------------------------------------------------------------------------
+
+
+def read_model_file(path) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, str]]:
+    """(dense state dict, validated description or None, metadata) of a model file we wrote
+    (dense or CSR-sparse; content hash checked, sparse layout validated)."""
+    from .storage import read_safetensors_verified
+
+    tensors, meta, _ = read_safetensors_verified(Path(path))
+    desc = parse_description(meta[ARCH_KEY], str(path)) if ARCH_KEY in meta else None
+    if meta.get("format") == "fedmef-sparse":
+        from .export.sparse_format import densify
+
+        tensors = densify(tensors, meta, str(path))
+    return tensors, desc, meta
+
+
+def model_from_state(desc: dict, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The described model with `state` loaded (masks attached), checked against the state's
+    shapes on the meta device before anything is allocated."""
+    from .sparse.masks import MASK_SUFFIX, attach_masks
+
+    model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, source)
+    masks = {k[: -len("." + MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    try:
+        if masks:
+            attach_masks(model, masks)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"tensors do not fit the described architecture: {brief(exc)}", source) from None
+    return model
+
+
+def load_model_file(path) -> tuple[nn.Module, dict]:
+    """(model with the file's weights and masks, description) of any model file we write."""
+    state, desc, _ = read_model_file(path)
+    if desc is None:
+        raise UserError(f"no architecture description ({ARCH_KEY}) in the file's metadata "
+                        "(not written by fedmef train/convert/export)", str(path))
+    return model_from_state(desc, state, str(path)), desc

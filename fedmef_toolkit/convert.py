@@ -19,137 +19,18 @@ rebuilds exactly the converted module tree.
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError, brief
-from .layers import NSConv2d
-from .models import get_model, list_models
+from .architecture import ARCH_KEY, _torchvision_builder, build_converted, build_source  # noqa: F401
+from .models import list_models
+from .models.conversion import ConversionReport, convert_module, find_conv_bn_pairs  # noqa: F401
 
-ARCH_KEY = "fedmef_arch"
-
-
-@dataclass
-class ConversionReport:
-    converted: list[str] = field(default_factory=list)  # conv names that became NSConv
-    folded_bn: list[str] = field(default_factory=list)  # BN names folded and removed
-    params_before: int = 0
-    params_after: int = 0
-
-
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, bn name) pairs where the BN consumes the conv's output alone."""
-    modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # models with data-dependent control flow: fall back to module order
-        return _pairs_by_order(model)
-    pairs = []
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), nn.BatchNorm2d):
-            src = node.args[0] if node.args else None
-            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                    and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
-                pairs.append((src.target, node.target))
-    return pairs
-
-
-def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    return [(a, b) for (a, ma), (b, mb) in zip(named, named[1:])
-            if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d) and mb.num_features == ma.out_channels]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _nsconv_like(conv: nn.Conv2d, nsconv_kwargs: dict) -> NSConv2d:
-    if conv.padding_mode != "zeros":
-        raise UserError(f"unsupported pattern: conv '{conv}' uses padding_mode={conv.padding_mode}")
-    return NSConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=True, **nsconv_kwargs).to(conv.weight.device)
-
-
-@torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, new: NSConv2d) -> None:
-    w = conv.weight.detach().float()
-    out = w.shape[0]
-    centered = w.reshape(out, -1) - w.reshape(out, -1).mean(dim=1, keepdim=True)
-    norm = centered.norm(dim=1).clamp_min(1e-12)
-    conv_bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(out)
-    if bn is None:
-        scale, shift = torch.ones(out), conv_bias
-    else:
-        gamma = bn.weight.detach().float() if bn.affine else torch.ones(out)
-        beta = bn.bias.detach().float() if bn.affine else torch.zeros(out)
-        mean = bn.running_mean.float() if bn.running_mean is not None else torch.zeros(out)
-        var = bn.running_var.float() if bn.running_var is not None else torch.ones(out)
-        scale = gamma / torch.sqrt(var + bn.eps)
-        shift = beta - scale * (mean - conv_bias)
-    new.weight.copy_(conv.weight)
-    new.gain.copy_(scale * norm)
-    new.bias.copy_(shift)
-
-
-def convert_module(model: nn.Module, nsconv_kwargs: dict | None = None, fold: bool = True,
-                   only: list[str] | None = None) -> ConversionReport:
-    """Convert `model` in place. `only`: the conv names to convert (rebuilding a converted model)."""
-    nsconv_kwargs = nsconv_kwargs or {}
-    report = ConversionReport(params_before=sum(p.numel() for p in model.parameters()))
-    modules = dict(model.named_modules())
-    pairs = dict(find_conv_bn_pairs(model))
-    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and not isinstance(m, NSConv2d)]
-    if only is not None:
-        convs = [n for n in convs if n in set(only)]
-    bn_used = set()
-    for name in convs:
-        conv = modules[name]
-        bn_name = pairs.get(name)
-        new = _nsconv_like(conv, nsconv_kwargs)
-        if fold:
-            _fold(conv, modules[bn_name] if bn_name else None, new)
-        _set_module(model, name, new)
-        report.converted.append(name)
-        if bn_name:
-            _set_module(model, bn_name, nn.Identity())
-            bn_used.add(bn_name)
-            report.folded_bn.append(bn_name)
-    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if leftover:
-        raise UserError(f"unsupported pattern: BatchNorm '{leftover[0]}' does not directly follow a Conv2d, "
-                        "so it cannot be folded into an NSConv")
-    report.params_after = sum(p.numel() for p in model.parameters())
-    return report
-
-
-# -- architectures: build the source model ----------------------------------------
-
-
-def _torchvision_builder(name: str):
-    import torchvision.models as tvm
-
-    fn = getattr(tvm, name, None)
-    return fn if callable(fn) and name in tvm.list_models(module=tvm) else None
-
-
-def build_source(desc: dict) -> nn.Module:
-    """Instantiate the (BN) source architecture a description names."""
-    kind, name, kwargs = desc["source"], desc["name"], dict(desc.get("kwargs", {}))
-    if kind == "registry":
-        return get_model(name, **kwargs)
-    if kind == "torchvision":
-        builder = _torchvision_builder(name)
-        if builder is None:
-            raise UserError(f"unknown torchvision architecture '{name}'")
-        return builder(weights=None, **kwargs)
-    raise UserError(f"cannot rebuild a model of source '{kind}' (pickled modules are not rebuildable from a file)")
 
 
 def _matches(desc: dict, state: dict) -> bool:
@@ -264,39 +145,45 @@ def convert_file(path: Path, out: Path, arch: str | None = None, trust_pickle: b
     check_output_file(out)
     model, source = load_input(path, arch, trust_pickle, image_size)
     model.eval()
+    original = copy.deepcopy(model)
     report = convert_module(model, nsconv_kwargs)
+    output_deviation(original, model, image_size, report)
+    del original
     desc = {"kind": "converted", "source": source, "converted": report.converted, "nsconv": nsconv_kwargs or {}}
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "fedmef-dense", ARCH_KEY: json.dumps(desc), "converted_from": path.name}
+    if report.relative_output_error is not None:
+        meta["relative_output_error"] = f"{report.relative_output_error:.6g}"
     if source is None:
         meta["note"] = "converted from a pickled module: rebuild needs the original class"
     save_safetensors(out, state, meta)
     return report, desc
 
 
-def build_converted(desc: dict) -> nn.Module:
-    """The converted module tree (NSConv in place of conv+BN), weights uninitialised."""
-    if desc.get("source") is None:
-        raise UserError("this file was converted from a pickled module and cannot be rebuilt without its class")
-    model = build_source(desc["source"])
-    convert_module(model, desc.get("nsconv") or {}, fold=False, only=desc["converted"])
-    return model
+@torch.no_grad()
+def output_deviation(original: nn.Module, converted: nn.Module, image_size: int, report: ConversionReport,
+                     samples: int = 16, seed: int = 0) -> None:
+    """How far the conversion moved the outputs, on `samples` seeded standard-normal inputs
+    (the distribution of normalised images) in eval mode. Folding a BatchNorm into a
+    standardised conv is exact only for zero-mean filters, so this is rarely 0: a converted
+    model needs fine-tuning."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 3, image_size, image_size, generator=gen)
+    try:
+        before = original.eval()(x).float()
+        after = converted.eval()(x).float()
+    except Exception:  # a model that cannot run at this input size: leave it unmeasured
+        return
+    report.relative_output_error = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    report.max_abs_output_error = float((after - before).abs().max())
+    report.sample_inputs = f"{samples} random inputs 3x{image_size}x{image_size}"
 
 
 def load_converted(path: str | Path) -> nn.Module:
-    from .architecture import build_for_state, parse_description
-    from .export.io import read_safetensors
+    """A model written by `fedmef convert`, rebuilt (`fedmef_toolkit.architecture`)."""
+    from .architecture import load_model_file
 
-    state, meta = read_safetensors(path)
-    if ARCH_KEY not in meta:
-        raise UserError("no architecture description in the file's metadata (not written by fedmef convert)", str(path))
-    desc = parse_description(meta[ARCH_KEY], str(path))
+    model, desc = load_model_file(path)
     if desc["kind"] != "converted":
         raise UserError("not a converted model (its description is of kind registry)", str(path))
-    model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, str(path))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"weights do not fit the described architecture: {brief(exc, 200)}",
-                        str(path)) from None
     return model

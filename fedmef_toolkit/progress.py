@@ -7,13 +7,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RoundProgress:
+    """A live bar on a terminal (fits 80 columns: a fixed 12-cell bar and a short status);
+    one plain line per round where there is no bar (`--no-progress`, logs, CI)."""
+
     def __init__(self, total: int, done: int, console: Console | None = None, enabled: bool = True):
-        self.enabled = enabled
         self.console = console or Console(stderr=True)
+        self.bar = enabled and self.console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(bar_width=12),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, disable=not enabled,
+            console=self.console, disable=not self.bar,
         )
         self.task = self.progress.add_task("train", total=total, completed=done, status="")
         self.acc = None
@@ -29,9 +32,13 @@ class RoundProgress:
         if "eval_acc" in row:
             self.acc = row["eval_acc"]
         acc = f"acc {self.acc:.3f} " if self.acc is not None else ""
-        status = f"{acc}loss {row['train_loss']:.3f} {row['samples_per_s']:.0f} samples/s"
-        if row.get("adjusted"):
-            status += f" | adjust {row['acc_before_adjust']:.3f}->{row['acc_after_adjust']:.3f}"
+        status = f"{acc}loss {row['train_loss']:.3f} {row['samples_per_s']:.0f}/s"
+        adjust = (f"round {row['round']}: mask adjusted, accuracy {row['acc_before_adjust']:.3f} -> "
+                  f"{row['acc_after_adjust']:.3f}") if row.get("adjusted") else None
         self.progress.update(self.task, advance=1, status=status)
-        if self.enabled and not self.console.is_terminal:  # logs and CI: one plain line per round
-            self.console.print(f"round {row['round']}: {status}", highlight=False)
+        if not self.bar:  # --no-progress, logs and CI: one plain line per round
+            self.console.print(f"round {row['round']}: {status.replace('/s', ' samples/s')}"
+                               + (f" | adjust {row['acc_before_adjust']:.3f}->{row['acc_after_adjust']:.3f}"
+                                  if adjust else ""), highlight=False)
+        elif adjust:
+            self.progress.console.print(adjust, highlight=False)

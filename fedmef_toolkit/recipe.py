@@ -262,7 +262,7 @@ def _build(cls, data: Any, prefix: str, src: str):
     return cls(**kwargs)
 
 
-def _check_consistency(r: Recipe, src: str) -> None:
+def _check_consistency(r: Recipe, src: str, need_data: bool = True) -> None:
     """Settings that are valid alone but not together."""
     if r.fl.clients_per_round > r.data.num_clients:
         raise UserError(
@@ -295,16 +295,17 @@ def _check_consistency(r: Recipe, src: str) -> None:
                         f"{s.num_samples * 3 * s.image_size**2:,} bytes, more than {MAX_SYNTHETIC_BYTES:,}", src)
     if r.model.init and not Path(r.model.init).expanduser().exists():
         raise UserError(f"model.init: file not found: {r.model.init}", src)
-    if r.data.root and not r.data.download and not Path(r.data.root).expanduser().exists():
+    if need_data and r.data.root and not r.data.download and not Path(r.data.root).expanduser().exists():
         raise UserError(f"data.root: not found: {r.data.root}", src)
 
 
 MAX_SYNTHETIC_BYTES = 1 << 30  # uint8 images (4x that as floats while they are generated)
 
 
-def recipe_from_dict(data: dict, src: str = "<recipe>") -> Recipe:
+def recipe_from_dict(data: dict, src: str = "<recipe>", need_data: bool = True) -> Recipe:
+    """need_data=False: data.root need not exist (`fedmef report` only needs shapes)."""
     recipe = _build(Recipe, data, "", src)
-    _check_consistency(recipe, src)
+    _check_consistency(recipe, src, need_data)
     return recipe
 
 
@@ -411,7 +412,7 @@ def resolve_recipe_path(name: str) -> tuple[str, str]:
     raise UserError(f"no such recipe file or bundled recipe{more}", name)
 
 
-def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool = True) -> Recipe:
     src, text = resolve_recipe_path(name)
     data = parse_yaml(text, src)
     if data is None:
@@ -419,7 +420,7 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise UserError("a recipe must be a YAML mapping", src)
     data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, src)
+    return recipe_from_dict(data, src, need_data)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

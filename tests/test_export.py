@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import small_recipe
@@ -52,7 +53,7 @@ def test_checkpoint_source_and_dtypes(tmp_path):
         out = tmp_path / f"m_{dtype}.safetensors"
         export_model(sim.run_dir / "checkpoint.safetensors", out, dtype=dtype)
         meta = json.loads(load_file_meta(out)["provenance"])
-        assert meta["round"] == "2" and abs(meta["density"] - 0.2) < 0.01
+        assert meta["round"] == 2 and abs(meta["density"] - 0.2) < 0.01
         a = load_model(out)
         x = torch.randn(2, 3, 12, 12)
         sim.model.eval()
@@ -86,14 +87,21 @@ def test_resnet18_size_at_density_0_1(tmp_path):
 
 
 def test_scipy_snippet_from_docs(tmp_path):
+    """The documented numpy + scipy reader works for every value dtype (issue 12: fp16 failed in
+    scipy, bf16 in numpy)."""
     sim = trained_run(tmp_path)
-    out = tmp_path / "m.safetensors"
-    export_model(sim.run_dir, out)
     code = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)
-    scope = {"path": str(out)}
-    exec(compile(code, str(DOCS), "exec"), scope)
-    name = scope["name"]
-    assert torch.equal(torch.from_numpy(scope["weight"]), sim.model.state_dict()[name].cpu())
+    for dtype in ("fp32", "fp16", "bf16"):
+        out = tmp_path / f"m_{dtype}.safetensors"
+        export_model(sim.run_dir, out, dtype=dtype)
+        scope = {"path": str(out)}
+        exec(compile(code, str(DOCS), "exec"), scope)
+        name = scope["name"]
+        expected = sim.model.state_dict()[name].cpu()
+        if dtype != "fp32":
+            expected = expected.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]).float()
+        assert scope["weight"].dtype == np.float32
+        assert torch.equal(torch.from_numpy(scope["weight"]), expected)
 
 
 # -- hostile and damaged files --------------------------------------------------------

@@ -44,7 +44,7 @@ def cached_decode(path: Path, tag: str, cache_dir: str | None, decode: Callable[
             return out
         except Exception:  # a damaged cache is rebuilt, never trusted
             file.unlink(missing_ok=True)
-    result = decode()
+    result = _decode_with_progress(path, file, decode)
     tensors = {k: v.contiguous() for k, v in result.items() if isinstance(v, torch.Tensor)}
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -53,4 +53,26 @@ def cached_decode(path: Path, tag: str, cache_dir: str | None, decode: Callable[
         os.replace(tmp, file)
     except OSError:
         pass  # an unwritable cache only costs time
+    return result
+
+
+def _decode_with_progress(path: Path, file: Path, decode: Callable[[], dict]) -> dict:
+    """Run decode() with a line on stderr when it starts, every 5000 images and when done (the
+    first run on CIFAR-10's or CINIC-10's JPEGs takes a while; later runs read the cache)."""
+    import sys
+    import time
+
+    from . import sources
+
+    t0 = time.perf_counter()
+    print(f"decoding {path} once into the cache {file} (later runs start in seconds)", file=sys.stderr, flush=True)
+    sources._decoded = 0
+    sources.progress_hook = lambda n: print(f"  {n:,} images decoded ({time.perf_counter() - t0:.0f} s)",
+                                            file=sys.stderr, flush=True)
+    try:
+        result = decode()
+    finally:
+        sources.progress_hook = None
+    n = sum(len(v) for k, v in result.items() if k.endswith("_y"))
+    print(f"  decoded {n:,} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return result

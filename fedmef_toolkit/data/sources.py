@@ -22,8 +22,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
 
 
+# Decoding progress: set by `cache.cached_decode` while a data set is decoded (a callable
+# taking the number of images decoded so far), None otherwise.
+progress_hook = None
+_decoded = 0
+
+
 def _decode(blob: bytes, name: str, size: int | None, source: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
+
+    global _decoded
+    _decoded += 1
+    if progress_hook is not None and _decoded % 5000 == 0:
+        progress_hook(_decoded)
 
     try:
         with warnings.catch_warnings():

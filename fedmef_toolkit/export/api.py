@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from .. import rundir as rd
 from ..architecture import check_fits, parse_description
 from ..errors import UserError, brief
 from ..sparse.masks import MASK_SUFFIX
@@ -21,38 +22,68 @@ FORMATS = ("sparse-safetensors", "safetensors")
 
 def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(state dict, architecture description, provenance) from a run directory,
-    a model.safetensors or a checkpoint.safetensors."""
+    a model.safetensors or a checkpoint.safetensors. A run with only a checkpoint (killed,
+    or still training) exports its checkpoint's model."""
+    path = Path(path)
     run_dir = None
     if path.is_dir():
         run_dir = path
-        path = path / "model.safetensors" if (path / "model.safetensors").exists() else path / "checkpoint.safetensors"
-        if not path.exists():
-            raise UserError("no model.safetensors or checkpoint.safetensors in this directory", str(run_dir))
+        path = rd.RunDir(path).model_source()
     tensors, meta = read_safetensors(path)
-    if meta.get("format") == FORMAT:
+    if meta.get(rd.FORMAT_KEY) == FORMAT:
         raise UserError("already a sparse export; export from the run directory or a dense model file", str(path))
     if any(k.startswith("model.") for k in tensors):  # a checkpoint: model.* and strategy.* tensors
         tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        run_dir = run_dir or path.parent
-        model_meta = {}
-        mfile = run_dir / "model.safetensors"
-        if mfile.exists():
-            model_meta = read_metadata(mfile)
+        run = rd.RunDir(run_dir or path.parent)
+        model_meta = read_metadata(run.model) if run.model.exists() else {}
         meta = {**model_meta, **meta}
-        st = _checkpoint_state(meta, run_dir / "checkpoint.json")
-        meta.setdefault("round", str(st.get("round", "")))
-        meta.setdefault("recipe_digest", str(st.get("recipe_digest", "")))
-    if "fedmef_arch" not in meta:
+        st = _checkpoint_state(meta, run.checkpoint_state)
+        meta.setdefault(rd.ROUND_KEY, str(st.get("round", "")))
+        meta.setdefault(rd.RECIPE_DIGEST_KEY, str(st.get("recipe_digest", "")))
+        if rd.ARCH_KEY not in meta:  # a checkpoint written before checkpoints carried it
+            desc = _description_from_recipe(run)
+            if desc is not None:
+                meta[rd.ARCH_KEY] = json.dumps(desc)
+    if rd.ARCH_KEY not in meta:
         raise UserError("no architecture description in the file's metadata (not written by fedmef train/convert)", str(path))
-    desc = parse_description(meta["fedmef_arch"], str(path))
+    desc = parse_description(meta[rd.ARCH_KEY], str(path))
     masks = {k: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
     total = sum(m.numel() for m in masks.values())
     provenance = {
-        "recipe_digest": meta.get("recipe_digest", ""), "round": meta.get("round", ""),
+        "recipe_digest": meta.get(rd.RECIPE_DIGEST_KEY, ""), "round": _number(meta.get(rd.ROUND_KEY, ""), int),
         "density": round(sum(int(m.sum()) for m in masks.values()) / total, 6) if total else 1.0,
-        "val_accuracy": meta.get("val_accuracy", ""), "toolkit_version": __version__, "source": str(path),
+        "val_accuracy": _number(meta.get(rd.VAL_ACCURACY_KEY, ""), float), "toolkit_version": __version__, "source": str(path),
     }
     return tensors, desc, provenance
+
+
+def _number(text, kind):
+    """A metadata number (stored as text) as a number in provenance JSON; None when absent."""
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _description_from_recipe(run: "rd.RunDir") -> dict | None:
+    """The registry description of a run's recipe (no model.init), from its saved recipe and the
+    classes in its partition.json; None when it cannot be known without the data set."""
+    from ..assembly import KNOWN_SHAPES, recipe_description
+    from ..recipe import load_recipe
+
+    if not run.recipe.is_file():
+        return None
+    try:
+        recipe = load_recipe(str(run.recipe))
+        classes = len(json.loads(run.partition.read_text())["classes"]) if run.partition.is_file() else None
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if recipe.model.init:
+        return None
+    d = recipe.data
+    size = d.synthetic.image_size if d.dataset == "synthetic" else KNOWN_SHAPES.get(d.dataset, (None, 32))[1]
+    classes = classes or (d.synthetic.num_classes if d.dataset == "synthetic" else KNOWN_SHAPES.get(d.dataset, (None,))[0])
+    return None if classes is None else recipe_description(recipe.model, classes, size)
 
 
 def _checkpoint_state(meta: dict, state_file: Path) -> dict:
@@ -77,16 +108,22 @@ def export_model(src: Path, out: Path, fmt: str = "sparse-safetensors", dtype: s
     state, desc, prov = read_source(src)
     sparse = fmt == "sparse-safetensors"
     tensors, layout = pack_state(state, DTYPES[dtype], sparse=sparse)
-    meta = {"format": FORMAT if sparse else "fedmef-dense", "format_version": VERSION,
-            "layout": json.dumps(layout), "fedmef_arch": json.dumps(desc), "provenance": json.dumps(prov)}
+    meta = {rd.FORMAT_KEY: FORMAT if sparse else rd.DENSE_FORMAT, "format_version": VERSION,
+            rd.LAYOUT_KEY: json.dumps(layout), rd.ARCH_KEY: json.dumps(desc), rd.PROVENANCE_KEY: json.dumps(prov)}
     if not sparse:
-        meta.update({k: str(v) for k, v in prov.items()})
+        meta.update({k: "" if v is None else str(v) for k, v in prov.items()})
     check_output_file(out)
     save_safetensors(out, tensors, meta)
     dense_bytes = sum(t.numel() * (DTYPES[dtype].itemsize if t.is_floating_point() else t.element_size())
                       for k, t in state.items() if not k.endswith(MASK_SUFFIX))
-    return {"tensors": len(layout), "csr": sum(1 for v in layout.values() if v["layout"] == "csr"),
-            "density": prov["density"], "bytes": out.stat().st_size, "dense_value_bytes": dense_bytes}
+    size = out.stat().st_size
+    summary = {"tensors": len(layout), "csr": sum(1 for v in layout.values() if v["layout"] == "csr"),
+               "density": prov["density"], "bytes": size, "dense_value_bytes": dense_bytes, "warning": None}
+    if sparse and size > dense_bytes:
+        summary["warning"] = (f"the sparse file ({size / 2**20:.2f} MiB) is larger than the dense values "
+                              f"({dense_bytes / 2**20:.2f} MiB): the model is {'dense' if prov['density'] >= 1 else 'too dense'} "
+                              f"(density {prov['density']:.3f}); --format safetensors is smaller")
+    return summary
 
 
 def load_sparse(path: str | Path, as_sparse: bool = False) -> dict[str, torch.Tensor]:
@@ -99,13 +136,12 @@ def load_sparse(path: str | Path, as_sparse: bool = False) -> dict[str, torch.Te
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A ready-to-run module in eval mode from an exported (sparse or dense) file."""
-    from .io import build_model_for, read_model_file
+    """A ready-to-run module in eval mode from an exported (sparse or dense) file, a run's
+    model.safetensors or a file from `fedmef convert` (`fedmef_toolkit.architecture`)."""
+    from ..architecture import load_model_file
 
-    state, desc = read_model_file(path)
-    if desc is None:
-        raise UserError("no architecture description in the file's metadata", str(path))
-    return build_model_for(desc, state, str(path)).to(device).eval()
+    model, _ = load_model_file(path)
+    return model.to(device).eval()
 
 
 def inspect_file(path: str | Path) -> dict:

@@ -30,30 +30,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(dense state dict, validated architecture description or None) of a model file."""
-    from ..architecture import parse_description
+    """(dense state dict, validated architecture description or None) of a model file
+    (`fedmef_toolkit.architecture.read_model_file`)."""
+    from ..architecture import read_model_file as read
 
-    tensors, meta = read_safetensors(path)
-    desc = parse_description(meta["fedmef_arch"], str(path)) if "fedmef_arch" in meta else None
-    if meta.get("format") == "fedmef-sparse":
-        from .sparse_format import densify
-
-        tensors = densify(tensors, meta, str(path))
+    tensors, desc, _ = read(path)
     return tensors, desc
 
 
 def build_model_for(desc: dict, state: dict[str, torch.Tensor], source: str):
-    """The described model with `state` loaded (masks attached), checked against the state's
-    shapes on the meta device before anything is allocated."""
-    from ..architecture import build_for_state
-    from ..sparse.masks import MASK_SUFFIX, attach_masks
+    """`fedmef_toolkit.architecture.model_from_state`."""
+    from ..architecture import model_from_state
 
-    model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, source)
-    masks = {k[: -len("." + MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
-    try:
-        if masks:
-            attach_masks(model, masks)
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise UserError(f"tensors do not fit the described architecture: {brief(exc)}", source) from None
-    return model
+    return model_from_state(desc, state, source)

@@ -18,19 +18,20 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, brief
+from ..rundir import ARCH_KEY, CHECKPOINT as CKPT, CHECKPOINT_STATE as CKPT_STATE, CHECKPOINT_STATE_KEY as STATE_KEY
 from ..storage import read_safetensors_verified, save_safetensors, write_text_atomic
 
-CKPT = "checkpoint.safetensors"
-CKPT_STATE = "checkpoint.json"
 
-
-STATE_KEY = "fedmef_checkpoint_state"
-
-
-def save_checkpoint(run_dir: Path, model_state: dict, strategy_tensors: dict, state: dict) -> None:
+def save_checkpoint(run_dir: Path, model_state: dict, strategy_tensors: dict, state: dict,
+                    arch: dict | None = None) -> None:
+    """`arch`: the model's architecture description, so that a run with only a checkpoint
+    can be exported and evaluated."""
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     tensors.update({f"strategy.{k}": v for k, v in strategy_tensors.items()})
-    save_safetensors(run_dir / CKPT, tensors, {STATE_KEY: json.dumps(state)})
+    meta = {STATE_KEY: json.dumps(state)}
+    if arch is not None:
+        meta[ARCH_KEY] = json.dumps(arch)
+    save_safetensors(run_dir / CKPT, tensors, meta)
     write_text_atomic(run_dir / CKPT_STATE, json.dumps(state, indent=1))
 
 

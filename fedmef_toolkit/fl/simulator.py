@@ -24,9 +24,10 @@ from ..data import DataBundle, load_data
 from ..data.augment import DeviceAugment
 from ..data.partition import class_histograms, partition
 from ..errors import TrainingDiverged, UserError, brief
-from ..architecture import build_from_description, registry_description
-from ..models import model_kwargs_from_spec
+from ..architecture import describe
+from ..assembly import build_model, load_init_weights, prepare_for_training  # noqa: F401 (load_init_weights: compat)
 from ..recipe import Recipe, recipe_to_yaml
+from .. import rundir as rd
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
 from ..storage import append_line, io_error, lock_run_dir, open_append, truncate_to, write_text_atomic
@@ -45,15 +46,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_init_weights(model: nn.Module, state: dict, path: str) -> None:
-    """Initial weights from a state dict read from `path`, checked against the model."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("weight_mask")]
-    bad = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or bad:
-        what = f"missing {missing[:3]}" if missing else f"shape mismatch for {bad[:3]}"
-        raise UserError(f"model.init does not fit model '{model.__class__.__name__}': {what}", path)
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+def digest_except_rounds(recipe: Recipe) -> str:
+    """The recipe's digest with fl.rounds left out: a run may be extended (`--resume --set
+    fl.rounds=N`) and still resume from checkpoints written before."""
+    import dataclasses
+
+    return dataclasses.replace(recipe, fl=dataclasses.replace(recipe.fl, rounds=1)).digest()
 
 
 def _round_of(line: bytes) -> float:
@@ -87,19 +85,15 @@ class Simulator:
         self.data: DataBundle = load_data(recipe.data, recipe.eval.split, recipe.seed)
         self._partition()
         self.model = self.build_model().to(self.device)
-        self.strategy = build_strategy(recipe)
-        self.strategy.setup(self.model, recipe.seed)
-        if recipe.method.sap.enabled:  # training-time only: eval mode runs the plain layers
-            from ..sap import enable_sap
-
-            enable_sap(self.model, recipe.method.sap.gamma, recipe.method.sap.selection)
         mean, std = self.data.channel_stats()
         self.augment = DeviceAugment(mean, std, enabled=recipe.data.augment).to(self.device)
         self.train_x = self.data.train_x.to(self.device)
         self.train_y = self.data.train_y.to(self.device)
         self.eval_x = self.data.eval_x.to(self.device)
         self.eval_y = self.data.eval_y.to(self.device)
-        self.calibration = self.calibrate_gains()
+        # masks, SAP and the NSConv gain calibration: fedmef_toolkit.assembly, like every model
+        self.strategy, self.calibration = prepare_for_training(
+            self.model, recipe, build_strategy(recipe), self.calibration_images())
         fl = recipe.fl
         self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
                                      batch_size=fl.batch_size, momentum=fl.momentum,
@@ -115,27 +109,13 @@ class Simulator:
 
     # -- construction -------------------------------------------------------
     def build_model(self) -> nn.Module:
-        """The recipe's registry model, or the architecture described in `model.init`'s
-        metadata (files written by `fedmef convert` carry their converted architecture)."""
-        self.arch_desc = registry_description(
-            model_kwargs_from_spec(self.recipe.model, self.data.num_classes, self.data.image_size))
-        init = self.recipe.model.init
-        if not init:
-            return build_from_description(self.arch_desc)
-        from ..export.io import read_model_file
+        """The recipe's model, or the one `model.init`'s file describes
+        (`fedmef_toolkit.assembly.build_model`)."""
+        self.built = build_model(self.recipe.model, self.data.num_classes, self.data.image_size)
+        self.arch_desc = self.built.description
+        return self.built.model
 
-        state, desc = read_model_file(init)  # hash, schema and size checked
-        if desc is not None and desc["kind"] == "converted":
-            from ..architecture import build_for_state
-
-            self.arch_desc = desc
-            model = build_for_state(desc, {k: tuple(v.shape) for k, v in state.items()}, init)
-        else:
-            model = build_from_description(self.arch_desc)
-        load_init_weights(model, state, init)
-        return model
-
-    def calibrate_gains(self) -> dict[str, float] | None:
+    def calibration_images(self) -> torch.Tensor | None:
         """BN-free models start from gains fitted to real data (models/signal.py): client 0
         runs one forward pass over up to 256 of its images and sends back the gains. The
         masks are already attached (they change what each filter passes); weights loaded
@@ -143,10 +123,8 @@ class Simulator:
         spec = self.recipe.model
         if spec.norm != "nsconv" or not spec.nsconv.calibrate or spec.init:
             return None
-        from ..models.signal import calibrate_gains
-
         idx = self.client_indices[0][:256].to(self.device)
-        return calibrate_gains(self.model, self.augment.normalize(self.train_x[idx]))
+        return self.augment.normalize(self.train_x[idx])
 
     def _partition(self) -> None:
         d = self.recipe.data
@@ -162,8 +140,8 @@ class Simulator:
         except OSError as exc:
             raise io_error(exc, self.run_dir, "cannot create the run directory") from None
         self.lock()
-        write_text_atomic(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
-        write_text_atomic(self.run_dir / "partition.json", json.dumps({
+        write_text_atomic(self.run_dir / rd.RECIPE, self.recipe_text())
+        write_text_atomic(self.run_dir / rd.PARTITION, json.dumps({
             "num_clients": len(self.parts), "classes": self.data.classes,
             "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
 
@@ -177,14 +155,27 @@ class Simulator:
             self._lock.close()
             self._lock = None
 
-    def resume(self) -> None:
+    def recipe_text(self) -> str:
+        """The resolved recipe; when model.init's file decided the architecture, a comment on
+        top says which model trained (model.arch/norm/width/nsconv are then not used)."""
+        text = recipe_to_yaml(self.recipe)
+        if not self.built.from_recipe_arch:
+            text = (f"# model trained: {describe(self.arch_desc)}, from model.init ({self.built.init});\n"
+                    "# model.arch, model.norm, model.width and model.nsconv are not used for it\n" + text)
+        return text
+
+    def resume(self, previous_digest: str | None = None) -> None:
+        """Continue from the run's checkpoint. `previous_digest`: the digest of the recipe the
+        run was started with, when only fl.rounds changed (`--resume --set fl.rounds=N`)."""
         self.lock()
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.run_dir / rd.METRICS
         if not (self.run_dir / CKPT).exists() and not (metrics.exists() and metrics.stat().st_size):
             self.write_run_files()  # killed before its round-0 checkpoint: nothing to lose, start over
             return
         model_state, strat, state = load_checkpoint(self.run_dir)
-        if state.get("recipe_digest") != self.recipe.digest():
+        accepted = {self.recipe.digest(), previous_digest, *([state.get("recipe_digest")] if state.get(
+            "digest_except_rounds") == digest_except_rounds(self.recipe) else [])} - {None}
+        if state.get("recipe_digest") not in accepted:
             raise UserError("checkpoint was written by a different recipe; refusing to mix them", str(self.run_dir))
         own = self.model.state_dict()  # masks are buffers: loaded too
         bad = sorted(set(own) ^ set(model_state)) or [k for k in own if model_state[k].shape != own[k].shape]
@@ -211,13 +202,14 @@ class Simulator:
     def checkpoint(self, t: int) -> None:
         save_checkpoint(self.run_dir, self.model.state_dict(), self.strategy.state_tensors(),
                         {"round": t, "recipe_digest": self.recipe.digest(), "totals": self.totals,
-                         "version": __version__})
+                         "digest_except_rounds": digest_except_rounds(self.recipe),
+                         "version": __version__}, arch=self.arch_desc)
 
     def save_final_model(self, t: int, acc: float | None) -> None:
-        meta = {"format": "fedmef-dense", "round": t, "fedmef_arch": json.dumps(self.arch_desc),
-                "recipe_digest": self.recipe.digest(), "val_accuracy": "" if acc is None else f"{acc:.6f}",
-                "toolkit_version": __version__}
-        save_model(self.run_dir / "model.safetensors", self.model.state_dict(), meta)
+        meta = {rd.FORMAT_KEY: rd.DENSE_FORMAT, rd.ROUND_KEY: t, rd.ARCH_KEY: json.dumps(self.arch_desc),
+                rd.RECIPE_DIGEST_KEY: self.recipe.digest(),
+                rd.VAL_ACCURACY_KEY: "" if acc is None else f"{acc:.6f}", rd.VERSION_KEY: __version__}
+        save_model(self.run_dir / rd.MODEL, self.model.state_dict(), meta)
 
     # -- before round 1 -----------------------------------------------------
     def server_context(self) -> ServerContext:
@@ -339,13 +331,13 @@ class Simulator:
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
-                open_append(self.run_dir / "metrics.jsonl") as log:
+                open_append(self.run_dir / rd.METRICS) as log:
             if prep is not None:
-                append_line(log, self.run_dir / "metrics.jsonl", json.dumps(prep))
+                append_line(log, self.run_dir / rd.METRICS, json.dumps(prep))
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes
-                    append_line(log, self.run_dir / "metrics.jsonl", json.dumps(row))
+                    append_line(log, self.run_dir / rd.METRICS, json.dumps(row))
                     self.check_finite(t, row)
                     done = t
                     self.phase = "idle"

@@ -13,7 +13,9 @@ memory.json schema "fedmef-memory/1":
    "kernels": "triton" | "torch" (fused GPU kernels or PyTorch ops measured),
    "batch_size", "input_shape", "num_classes",
    "configurations": [{"name", "arch", "norm", "width", "density", "sap": {"enabled",
-       "gamma", "selection"}, "momentum",
+       "gamma", "selection"}, "momentum", "parameters",
+       "architecture": the description of the model measured (fedmef_toolkit.architecture; for a
+           run, the model that trained, e.g. a converted network from model.init),
        "analytic": {"weights", "gradients", "optimizer", "activations", "total"},
        "measured": {"activations", "weight_derived_saved", "per_layer": {layer: bytes},
                     "cuda_peak_step": bytes | null, "cuda_step_increase": bytes | null},
@@ -29,13 +31,14 @@ import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from ..kernels import use_triton
 from ..layers import ScaledReLU
-from ..models import get_model
+from ..architecture import build_from_description, describe, registry_description
 from ..sap import enable_sap
 from ..sap.packing import keep_count
 from ..sparse.masks import attach_masks, init_masks, prunable_modules
@@ -55,11 +58,19 @@ class MemoryConfig:
     gamma: float = 0.0
     selection: str = "per_sample"
     momentum: float = 0.0
+    distribution: str = "erk"
+    # a ready model (masks and SAP attached, e.g. the one a run trains) instead of the registry one
+    builder: Callable[[], nn.Module] | None = None
+    description: dict | None = None
 
     def build(self, num_classes: int, image_size: int, seed: int = 0) -> nn.Module:
-        model = get_model(self.arch, num_classes, norm=self.norm, width=self.width, image_size=image_size)
+        if self.builder is not None:
+            return self.builder()
+        self.description = registry_description({"name": self.arch, "num_classes": num_classes, "norm": self.norm,
+                                                 "width": self.width, "image_size": image_size})
+        model = build_from_description(self.description)
         if self.density < 1.0:
-            attach_masks(model, init_masks(model, self.density, "erk", "random", seed))
+            attach_masks(model, init_masks(model, self.density, self.distribution, "random", seed))
         if self.sap_enabled:
             enable_sap(model, self.gamma, self.selection)
         return model
@@ -127,6 +138,9 @@ def measure_config(cfg: MemoryConfig, batch_size: int, image_size: int, num_clas
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     n_params = sum(p.numel() for p in model.parameters())
+    masks = [m.weight_mask for m in prunable_modules(model).values() if getattr(m, "weight_mask", None) is not None]
+    if masks:  # the density the model really has (its masks), not the recipe's target
+        cfg.density = round(sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks), 4)
     elem = 2 if autocast_dtype is not None else 4
     weights = weight_bytes(model)
     grads = n_params * 4  # PyTorch keeps dense fp32 gradients, masked or not
@@ -144,7 +158,7 @@ def measure_config(cfg: MemoryConfig, batch_size: int, image_size: int, num_clas
     return {
         "name": cfg.name, "arch": cfg.arch, "norm": cfg.norm, "width": cfg.width, "density": cfg.density,
         "sap": {"enabled": cfg.sap_enabled, "gamma": cfg.gamma, "selection": cfg.selection},
-        "momentum": cfg.momentum, "parameters": n_params,
+        "momentum": cfg.momentum, "parameters": n_params, "architecture": cfg.description,
         "analytic": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act_analytic,
                      "total": weights + grads + optim + act_analytic},
         "measured": {"activations": saved["activations"], "weight_derived_saved": saved["weight_derived"],
@@ -178,16 +192,54 @@ def build_report(configs: list[MemoryConfig], batch_size: int, image_size: int, 
     }
 
 
-def configs_for_recipe(recipe) -> list[MemoryConfig]:
+def _label_norm(desc: dict) -> str:
+    return desc["kwargs"].get("norm", "bn") if desc["kind"] == "registry" else "nsconv"
+
+
+def configs_for_recipe(recipe, num_classes: int, image_size: int, subject: Callable[[], nn.Module] | None = None,
+                       description: dict | None = None) -> list[MemoryConfig]:
+    """[the model the recipe trains, the reference (same architecture with BatchNorm, no SAP)].
+    The subject is built like the simulator builds it (`fedmef_toolkit.assembly`: model.init,
+    NSConv settings, the method's masks with sparsity.distribution, SAP) unless `subject`
+    gives it (a run's own model); `description` is then its architecture."""
+    from ..architecture import build_source
+
     m, meth = recipe.model, recipe.method
+    if subject is None:
+        from ..assembly import build_model, prepare_for_training
+
+        built = build_model(m, num_classes, image_size)
+        prepare_for_training(built.model, recipe)
+        description, ready = built.description, built.model
+        subject = lambda: copy.deepcopy(ready)  # noqa: E731
     from ..fl.strategies import method_info
 
     density = meth.sparsity.density if method_info(meth.name).sparse else 1.0
-    subject = MemoryConfig("this recipe", m.arch, m.norm, m.width, density, meth.sap.enabled, meth.sap.gamma,
-                           meth.sap.selection, recipe.fl.momentum)
-    ref = MemoryConfig("reference: BN, no SAP", m.arch, "bn", m.width, density, False, 0.0, "per_sample",
-                       recipe.fl.momentum)
-    return [subject, ref]
+    width = description["kwargs"].get("width", 1.0) if description["kind"] == "registry" else 1.0
+    subj = MemoryConfig("this recipe", describe(description), _label_norm(description), width, density,
+                        meth.sap.enabled, meth.sap.gamma, meth.sap.selection, recipe.fl.momentum,
+                        meth.sparsity.distribution, builder=subject, description=description)
+    if description["kind"] == "registry":
+        kw = description["kwargs"]
+        ref_desc = registry_description({k: kw[k] for k in ("name", "num_classes", "width", "image_size") if k in kw}
+                                        | {"norm": "bn"})
+        ref_build = lambda: build_from_description(ref_desc)  # noqa: E731
+    elif description.get("source") is not None:  # a converted model: its BatchNorm original
+        src = description["source"]
+        ref_desc = {"kind": "bn source", "source": src}
+        ref_build = lambda: build_source(src)  # noqa: E731
+    else:
+        ref_desc, ref_build = None, None
+    def reference():
+        model = ref_build() if ref_build else copy.deepcopy(subject()).cpu()
+        if density < 1.0:
+            attach_masks(model, init_masks(model, density, meth.sparsity.distribution, "random", recipe.seed))
+        return model
+    ref_label = describe(ref_desc) if ref_desc and ref_desc["kind"] == "registry" else \
+        (f"{src['source']} {src['name']}" if ref_desc else subj.arch)
+    ref = MemoryConfig("reference: BN, no SAP", ref_label, "bn", width, density, False, 0.0, "per_sample",
+                       recipe.fl.momentum, meth.sparsity.distribution, builder=reference, description=ref_desc)
+    return [subj, ref]
 
 
 def mib(n) -> str:
@@ -195,27 +247,40 @@ def mib(n) -> str:
 
 
 def render_table(report: dict, console) -> None:
+    """Quantities down, configurations across: fits 80 columns with any model name."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"memory of one client step, batch {report['batch_size']}, input "
-                        f"{'x'.join(map(str, report['input_shape']))}, {report['precision']} (MiB; measured on "
-                        f"{report['measured_on']})",
-                  caption="act est: per-layer formula; act meas: saved-tensor hooks, unique storages, parameters "
-                          "excluded; w copies: weight-shaped tensors saved (e.g. NSConv's standardised weight); "
-                          "paper: weights + measured activations")
-    for col in ["config", "weights", "grads", "optim", "act est", "act meas", "w copies", "paper", "CUDA peak"]:
-        table.add_column(col, justify="left" if col == "config" else "right")
-    for r in report["configurations"]:
-        a, m = r["analytic"], r["measured"]
+    rows = report["configurations"]
+    console.print(f"memory of one client step, batch {report['batch_size']}, input "
+                  f"{'x'.join(map(str, report['input_shape']))}, {report['precision']}, measured on "
+                  f"{report['measured_on']}", highlight=False)
+    for i, r in enumerate(rows):
         sap = f"SAP {r['sap']['gamma']:g}" if r["sap"]["enabled"] else "no SAP"
-        table.add_row(f"{r['arch']} {r['norm']} d={r['density']:g} {sap}",
-                      mib(a["weights"]), mib(a["gradients"]), mib(a["optimizer"]), mib(a["activations"]),
-                      mib(m["activations"]), mib(m["weight_derived_saved"]), mib(r["paper_figure"]),
-                      mib(m["cuda_peak_step"]))
+        console.print(f"  ({i + 1}) {r['name']}: {r['arch']}, density {r['density']:g}, {sap}, "
+                      f"{r['parameters']:,} params", highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("MiB")
+    for i in range(len(rows)):
+        table.add_column(f"({i + 1})", justify="right")
+    lines = [("weights (+masks)", lambda r: r["analytic"]["weights"]),
+             ("gradients", lambda r: r["analytic"]["gradients"]),
+             ("optimizer state", lambda r: r["analytic"]["optimizer"]),
+             ("activations, formula", lambda r: r["analytic"]["activations"]),
+             ("activations, measured", lambda r: r["measured"]["activations"]),
+             ("weight copies saved", lambda r: r["measured"]["weight_derived_saved"]),
+             ("paper figure", lambda r: r["paper_figure"])]
+    if any(r["measured"]["cuda_peak_step"] is not None for r in rows):
+        lines.append(("CUDA peak of a step", lambda r: r["measured"]["cuda_peak_step"]))
+    for label, get in lines:
+        table.add_row(label, *[mib(get(r)) for r in rows])
     console.print(table)
+    console.print("formula: per layer; measured: saved-tensor hooks, unique storages, parameters excluded; "
+                  "weight copies: weight-shaped tensors saved (e.g. NSConv's standardised weight); "
+                  "paper figure: weights + measured activations", highlight=False)
     red = report["reduction_vs_reference"]
     parts = [f"{k.replace('_', ' ')} {v * 100:.1f}% less" for k, v in red.items() if v is not None]
-    console.print("vs reference: " + ", ".join(parts), highlight=False)
+    console.print("(1) vs reference: " + ", ".join(parts), highlight=False)
 
 
 def write_chart(report: dict, path: Path) -> bool:
@@ -255,18 +320,25 @@ def write_report(report: dict, out_dir: Path, console=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..storage import write_text_atomic
 
-    write_text_atomic(out_dir / "memory.json", json.dumps(report, indent=1))
-    write_chart(report, out_dir / "memory.png")
+    from ..rundir import MEMORY_JSON, MEMORY_PNG
+
+    write_text_atomic(out_dir / MEMORY_JSON, json.dumps(report, indent=1))
+    write_chart(report, out_dir / MEMORY_PNG)
     if console is not None:
         render_table(report, console)
 
 
-def report_for_recipe(recipe, num_classes: int, image_size: int, device: torch.device) -> dict:
+def report_for_recipe(recipe, num_classes: int, image_size: int, device: torch.device,
+                      subject: Callable[[], nn.Module] | None = None, description: dict | None = None) -> dict:
     dtype = torch.bfloat16 if recipe.precision == "bf16" and device.type == "cuda" else None
-    return build_report(configs_for_recipe(recipe), recipe.fl.batch_size, image_size, num_classes, device, dtype)
+    configs = configs_for_recipe(recipe, num_classes, image_size, subject, description)
+    return build_report(configs, recipe.fl.batch_size, image_size, num_classes, device, dtype)
 
 
 def write_report_for_simulator(sim, quiet: bool = False) -> dict:
-    report = report_for_recipe(sim.recipe, sim.data.num_classes, sim.data.image_size, sim.device)
+    """The report of the model the simulator trains (a copy of it: masks, SAP, calibrated gains)."""
+    model = sim.model
+    report = report_for_recipe(sim.recipe, sim.data.num_classes, sim.data.image_size, sim.device,
+                               subject=lambda: copy.deepcopy(model), description=sim.arch_desc)
     write_report(report, sim.run_dir, None if quiet else sim.console)
     return report
