@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fedmef_toolkit.recipe import load_recipe
+from fedmef_toolkit.recipe import load_recipe, load_saved_recipe
 
 from .common import console, user_errors
 
@@ -38,7 +38,7 @@ def report(target, overrides, out_dir, device, as_json):
     subject = description = None
     if path.is_dir():
         run = RunDir.open(path)
-        recipe = load_recipe(str(run.recipe), list(overrides), need_data=False)
+        recipe = load_saved_recipe(str(run.recipe), list(overrides), need_data=False)[0]
         out_dir = out_dir or path
         num_classes, image_size = _run_shape(run, recipe)
         if (run.model.exists() or run.checkpoint.exists()) and not overrides:

@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 
 from fedmef_toolkit.errors import UserError
-from fedmef_toolkit.recipe import load_recipe, recipe_to_yaml
+from fedmef_toolkit.recipe import load_recipe, load_saved_recipe, recipe_to_yaml
 from fedmef_toolkit.rundir import RECIPE, RunDir
 from fedmef_toolkit.storage import StorageError, write_text_atomic
 
@@ -26,16 +26,17 @@ def _new_run_dir(recipe) -> Path:
 
 
 def _resume_recipe(run: RunDir, overrides: list[str]):
-    """(recipe to continue with, the recipe the run was started with). Only fl.rounds may
-    change on resume (to extend a finished run or shorten an unfinished one)."""
-    previous = load_recipe(str(run.recipe))
+    """(recipe to continue with, the recipe the run was started with, keys its saved recipe
+    lacks: see `load_saved_recipe`). Only fl.rounds may change on resume (to extend a finished
+    run or shorten an unfinished one)."""
+    previous, legacy = load_saved_recipe(str(run.recipe))
     if not overrides:
-        return previous, previous
+        return previous, previous, legacy
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     if any(k != "fl.rounds" for k in keys) or not all("=" in o for o in overrides):
         raise UserError("--resume takes the recipe saved in the run directory; only --set fl.rounds=N may change "
                         f"(to train more rounds), got {', '.join(k for k in keys if k != 'fl.rounds') or overrides[0]}")
-    return load_recipe(str(run.recipe), list(overrides)), previous
+    return load_saved_recipe(str(run.recipe), list(overrides))[0], previous, legacy
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -57,7 +58,7 @@ def train(recipe_name, overrides, resume_dir, no_progress):
     if resume_dir is not None:
         if recipe_name:
             raise UserError("--resume takes the recipe saved in the run directory; drop --recipe")
-        recipe, previous = _resume_recipe(RunDir.open(resume_dir), list(overrides))
+        recipe, previous, legacy = _resume_recipe(RunDir.open(resume_dir), list(overrides))
         run_dir = resume_dir
     else:
         if not recipe_name:
@@ -87,7 +88,7 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         err_console.print(f"NSConv gains calibrated on client 0's images: {len(f)} layers, factors "
                           f"{min(f):.2f}..{max(f):.2f}", highlight=False)
     if resume_dir is not None:
-        sim.resume(previous.digest())
+        sim.resume(previous.digest(without=legacy))
         if recipe is not previous:
             if sim.start_round > recipe.fl.rounds:
                 raise UserError(f"the run is at round {sim.start_round}; fl.rounds={recipe.fl.rounds} cannot end it "

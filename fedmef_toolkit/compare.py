@@ -80,7 +80,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def load_run(run_dir: Path) -> RunSummary:
     """One run directory; a UserError naming the path if it is not one."""
-    from .recipe import load_recipe
+    from .recipe import load_saved_recipe
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -89,7 +89,7 @@ def load_run(run_dir: Path) -> RunSummary:
         raise UserError("not a run directory (no recipe.yaml)", str(run_dir))
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError("no metrics.jsonl: the run has not logged a round", str(run_dir))
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    recipe = load_saved_recipe(str(run_dir / "recipe.yaml"))[0]
     rows = _read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise UserError("metrics.jsonl holds no rounds", str(run_dir))

@@ -164,11 +164,18 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
+    def digest(self, without: tuple[str, ...] = ()) -> str:
         """Content hash of the settings that shape the run (resume refuses another recipe's checkpoint).
         Other methods' own sections are left out, so a setting of one method never invalidates a
-        run of another; `method.bae` stays in every digest, as before the registry existed."""
+        run of another; `method.bae` stays in every digest, as before the registry existed.
+        `without`: dotted keys left out too (keys a run saved by an older version lacks)."""
         data = self.to_dict()
+        for key in without:
+            *sections, last = key.split(".")
+            node = data
+            for part in sections:
+                node = node.get(part, {})
+            node.pop(last, None)
         for info in METHODS.values():
             if info.section and info.name != self.method.name and info.section not in _ALWAYS_HASHED:
                 data["method"].pop(info.section, None)
@@ -412,15 +419,43 @@ def resolve_recipe_path(name: str) -> tuple[str, str]:
     raise UserError(f"no such recipe file or bundled recipe{more}", name)
 
 
-def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool = True) -> Recipe:
+def _read_mapping(name: str) -> tuple[str, dict]:
     src, text = resolve_recipe_path(name)
     data = parse_yaml(text, src)
     if data is None:
         raise UserError("the recipe is empty (a recipe states at least what it trains, e.g. method.name)", src)
     if not isinstance(data, dict):
         raise UserError("a recipe must be a YAML mapping", src)
+    return src, data
+
+
+def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool = True) -> Recipe:
+    src, data = _read_mapping(name)
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, src, need_data)
+
+
+#: keys added after runs were first saved, with the value that reproduces what such a run did
+#: (its model, its engine); a saved recipe.yaml always holds every key of its own version
+SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "fl.batched_clients": 0}
+
+
+def load_saved_recipe(path: str, overrides: list[str] | None = None,
+                      need_data: bool = True) -> tuple[Recipe, tuple[str, ...]]:
+    """A run directory's recipe.yaml, and the keys it lacks because an older version wrote it:
+    those take the values of `SAVED_RUN_DEFAULTS` (so the run resumes as it trained, not with
+    today's defaults) and are left out of its digest (`Recipe.digest(without=...)`)."""
+    src, data = _read_mapping(path)
+    missing = []
+    for key, value in SAVED_RUN_DEFAULTS.items():
+        *sections, last = key.split(".")
+        node = data
+        for part in sections:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last not in node:
+            node[last] = value
+            missing.append(key)
+    return recipe_from_dict(apply_overrides(data, overrides or []), src, need_data), tuple(missing)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -31,15 +31,15 @@ def train(recipe, overrides: dict | list[str] | None = None, run_dir: str | Path
     run directory to continue (recipe and overrides are then ignored)."""
     from .fl.simulator import Simulator
     from .memory.report import write_report_for_simulator
-    from .recipe import Recipe, load_recipe, recipe_to_yaml
+    from .recipe import Recipe, load_recipe, load_saved_recipe, recipe_to_yaml
     from .rundir import RECIPE, RunDir
     from .storage import write_text_atomic
 
     if resume:
         run = RunDir.open(run_dir)
-        rec = load_recipe(str(run.recipe))
+        rec, legacy = load_saved_recipe(str(run.recipe))
         sim = Simulator(rec, run.path, show_progress=progress)
-        sim.resume()
+        sim.resume(rec.digest(without=legacy))
         return TrainResult(run.path, sim.run())
     items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
     if isinstance(recipe, Recipe):

@@ -198,3 +198,30 @@ def test_fault_hook_kills_at_every_kind_of_write_and_resume_matches(tmp_path):
     assert _metrics(part_dir) == _metrics(tmp_path / "runs" / "full")
     a, b = load_file(str(tmp_path / "runs" / "full" / "model.safetensors")), load_file(str(part_dir / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_saved_before_newer_recipe_keys_resumes_as_it_trained(tmp_path):
+    """A recipe.yaml written by an older version lacks keys added since (here
+    model.nsconv.center_depthwise and fl.batched_clients): resume fills them with the values
+    that reproduce that run (centred depthwise filters) and accepts its checkpoint's digest."""
+    from fedmef_toolkit.fl.checkpoint import load_checkpoint
+    from fedmef_toolkit.recipe import SAVED_RUN_DEFAULTS, load_saved_recipe
+
+    path = _recipe_file(tmp_path, "old", **{"fl.rounds": 1, "output.checkpoint_every": 1})
+    assert subprocess.run(CLI + ["--recipe", str(path)], capture_output=True).returncode == 0
+    run = tmp_path / "runs" / "old"
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    del saved["model"]["nsconv"]["center_depthwise"], saved["fl"]["batched_clients"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    recipe, legacy = load_saved_recipe(str(run / "recipe.yaml"))
+    assert set(legacy) == set(SAVED_RUN_DEFAULTS) and recipe.model.nsconv.center_depthwise is True
+    # the checkpoint as the older version wrote it: its digest over the keys it knew
+    model_state, strat, state = load_checkpoint(run)
+    state["recipe_digest"] = recipe.digest(without=legacy)
+    state.pop("digest_except_rounds", None)
+    save_checkpoint(run, model_state, strat, state)
+    assert recipe.digest(without=legacy) != recipe.digest()
+    again = subprocess.run(CLI + ["--resume", str(run), "--set", "fl.rounds=2"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]

@@ -58,7 +58,11 @@ def test_memory_report_density_reference_and_docs_follow_the_registry():
     from fedmef_toolkit.cli.main import main
     from fedmef_toolkit.memory.report import configs_for_recipe
 
-    dens = {n: configs_for_recipe(load_recipe("quickstart.yaml", [f"method.name={n}"]))[0].density for n in METHODS}
+    def subject_density(name):
+        r = load_recipe("quickstart.yaml", [f"method.name={name}"])
+        return configs_for_recipe(r, r.data.synthetic.num_classes, r.data.synthetic.image_size)[0].density
+
+    dens = {n: subject_density(n) for n in METHODS}
     assert dens == {n: (0.1 if METHODS[n].sparse else 1.0) for n in METHODS} and dens["fedavg"] == 1.0
     out = CliRunner().invoke(main, ["recipes", "--reference"], terminal_width=200).output
     for n, info in METHODS.items():

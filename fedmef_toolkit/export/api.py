@@ -69,12 +69,12 @@ def _description_from_recipe(run: "rd.RunDir") -> dict | None:
     """The registry description of a run's recipe (no model.init), from its saved recipe and the
     classes in its partition.json; None when it cannot be known without the data set."""
     from ..assembly import KNOWN_SHAPES, recipe_description
-    from ..recipe import load_recipe
+    from ..recipe import load_saved_recipe
 
     if not run.recipe.is_file():
         return None
     try:
-        recipe = load_recipe(str(run.recipe))
+        recipe = load_saved_recipe(str(run.recipe))[0]
         classes = len(json.loads(run.partition.read_text())["classes"]) if run.partition.is_file() else None
     except (UserError, OSError, ValueError, KeyError, TypeError):
         return None
