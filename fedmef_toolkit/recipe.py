@@ -135,7 +135,7 @@ MethodSpec = _method_spec()
 @dataclass
 class EvalSpec:
     every: int = _f(1, lo=1, hi=1_000_000, help="evaluate the global model every n rounds (and at the last)")
-    batch_size: int = _f(512, lo=1, hi=65_536)
+    batch_size: int = _f(512, lo=1, hi=65_536, help="images per forward pass (on the CPU at most 128: memory)")
     split: str = _f("val", choices=["val", "test"], help="held-out part of the training data, or the data set's test split")
 
 
