@@ -12,9 +12,7 @@ import os
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import codec
 from .messages import from_array_record, from_config_record, to_array_record, to_config_record
-from .task import runtime_for
 
 app = ClientApp()
 
@@ -49,6 +47,9 @@ def _inject_fault(t: int, cid: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from . import codec  # torch, data and models: not needed to answer a query
+    from .task import runtime_for
+
     cfg = from_config_record(msg.content["config"])
     t, cid = int(cfg["round"]), int(cfg["cid"])
     _inject_fault(t, cid)

@@ -34,7 +34,7 @@ BITS, IDX = "@bits", "@idx"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy())
+    return t.detach().cpu().contiguous().numpy()  # keeps 0-dim tensors 0-dim
 
 
 def pack_bool(mask: torch.Tensor) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 def to_array_record(arrays: dict[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(v if v.flags.c_contiguous else v.copy(order="C")) for k, v in arrays.items()})
 
 
 def from_array_record(record) -> dict[str, np.ndarray]:

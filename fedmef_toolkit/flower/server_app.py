@@ -20,9 +20,6 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-app = ServerApp()
-
-
 def _resolve(path: str, base: Path | None) -> str:
     p = Path(path).expanduser()
     if not p.is_absolute() and base is not None and (base / p).exists():
@@ -37,14 +34,23 @@ def run_on_grid(sim, grid, min_nodes: int = 1, wait_s: float = 300.0) -> list[di
     return sim.run()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def make_server_app(app_dir: Path | None = None) -> ServerApp:
+    """A ServerApp whose relative recipe path resolves against `app_dir` (the app's directory)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(grid, context, app_dir)
+
+    return server
+
+
+def main(grid: Grid, context: Context, base: Path | None = None) -> None:
     from ..fl.simulator import Simulator
     from ..recipe import load_recipe, recipe_to_yaml
     from ..storage import write_text_atomic
 
     cfg = context.run_config
-    base = Path(str(cfg.get("app-dir", "."))).expanduser()
     recipe = load_recipe(_resolve(str(cfg["recipe"]), base), ["fl.engine=flower"])
     run_dir = Path(_resolve(str(cfg.get("run-dir") or f"runs/{recipe.name}-flower"), None)).expanduser()
     resume = (run_dir / "recipe.yaml").exists()
@@ -67,3 +73,6 @@ def main(grid: Grid, context: Context) -> None:
     last = next((r for r in reversed(rows) if "eval_acc" in r), None)
     print(f"fedmef: {len(rows)} rounds on Flower; final accuracy "
           f"{'-' if last is None else format(last['eval_acc'], '.4f')}; run dir {run_dir}", flush=True)
+
+
+app = make_server_app(None)
