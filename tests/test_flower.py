@@ -27,7 +27,7 @@ from fedmef_toolkit.flower import codec  # noqa: E402
 from fedmef_toolkit.recipe import recipe_from_dict  # noqa: E402
 
 ACC_TOL, LOSS_RTOL = 1e-6, 1e-5
-SPARSE = {"method.sparsity.density": 0.5, "method.sparsity.delta_t": 2, "method.sparsity.t_end": 2}
+SPARSE = {"method.sparsity.density": 0.5, "method.sparsity.delta_t": 2, "method.sparsity.t_end": 4}
 
 
 def _run(tmp_path, engine, **over):
@@ -103,13 +103,56 @@ def test_failing_client_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
     assert (run_dir / "model.safetensors").exists()
 
 
-def test_too_few_results_stops_at_the_last_checkpoint(tmp_path, monkeypatch):
+class _Reply:
+    """Duck-typed Flower reply: what FlowerEngine reads of one."""
+
+    def __init__(self, to, node, content=None, error=None):
+        from types import SimpleNamespace
+
+        self.metadata = SimpleNamespace(reply_to_message_id=to, src_node_id=node)
+        self.content, self.error = content, (SimpleNamespace(reason=error) if error else None)
+
+    def has_error(self):
+        return self.error is not None
+
+
+class _FailingGrid:
+    """Two worker nodes whose train messages all fail (no Ray: fast)."""
+
+    def __init__(self):
+        self.sent = {}
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, msgs, timeout=None):
+        from flwr.app import ConfigRecord, RecordDict
+
+        return [_Reply("q", m.metadata.dst_node_id,
+                       RecordDict({"config": ConfigRecord({"partition-id": -1, "num-partitions": 0})}))
+                for m in msgs]
+
+    def push_messages(self, msgs):
+        ids = [f"m{len(self.sent) + i}" for i, _ in enumerate(msgs)]
+        self.sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, msgs)})
+        return ids
+
+    def pull_messages(self, ids):
+        return [_Reply(i, self.sent[i], error="ClientApp raised: CUDA out of memory") for i in ids]
+
+
+def test_too_few_results_stop_the_run_at_its_last_checkpoint(tmp_path):
     from fedmef_toolkit.flower.engine import TooFewResults
 
-    monkeypatch.setenv("FEDMEF_FLOWER_FAULT", "2:0,2:2,2:5")  # every client of round 2
-    with pytest.raises(TooFewResults, match="min_results"):
-        _run(tmp_path, "flower")
-    assert json.loads((tmp_path / "flower" / "run" / "checkpoint.json").read_text())["round"] == 0
+    r = small_recipe(tmp_path, **{"fl.rounds": 2, "fl.engine": "flower", "fl.flower.min_results": 1})
+    sim = Simulator(recipe_from_dict(r), tmp_path / "run", show_progress=False)
+    sim.write_run_files()
+    sim.engine.grid = _FailingGrid()
+    with pytest.raises(TooFewResults, match="fewer than fl.flower.min_results=1") as info:
+        sim.run()
+    assert "CUDA out of memory" in str(info.value)
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 0
+    assert sorted(set(sim.engine.grid.sent.values())) == [1, 2]  # the round's clients went to both workers
 
 
 def test_two_supernode_deployment_on_localhost(tmp_path):

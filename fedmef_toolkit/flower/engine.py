@@ -172,5 +172,7 @@ class FlowerEngine:
 
 
 def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    """One line; long reasons (Ray wraps the ClientApp's exception) keep their start and their end,
+    where the exception's own message is."""
+    text = " ".join(str(text).replace("\x1b", "").split())
+    return text if len(text) <= limit else text[:80] + " ... " + text[-(limit - 85):]
