@@ -9,6 +9,7 @@ from fedmef_toolkit import __version__
 from .compare import compare
 from .convert import convert
 from .export import eval_cmd, export, inspect
+from .flower import flower
 from .recipes import recipes
 from .report import report
 from .train import train
@@ -28,6 +29,7 @@ main.add_command(eval_cmd)
 main.add_command(recipes)
 main.add_command(report)
 main.add_command(compare)
+main.add_command(flower)
 
 if __name__ == "__main__":
     main()

@@ -110,7 +110,12 @@ def train(recipe_name, overrides, resume_dir, no_progress):
             raise
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        rows = sim.run()
+        if recipe.fl.engine == "flower":  # the same Simulator, its clients on Flower's simulation engine
+            from fedmef_toolkit.flower.simulation import run_in_simulation
+
+            rows = run_in_simulation(sim)
+        else:
+            rows = sim.run()
     except StorageError as exc:  # nothing written is damaged: the last checkpoint stands
         raise StorageError(f"{exc}; the last checkpoint is intact: fix this and continue with "
                            f"fedmef train --resume {run_dir}") from None

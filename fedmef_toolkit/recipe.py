@@ -9,6 +9,7 @@ message that names the file and the offending key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -78,6 +79,19 @@ class ModelSpec:
 
 
 @dataclass
+class FlowerSpec:
+    min_results: int = _f(1, lo=1, hi=1_000_000,
+                          help="fl.engine flower: fewest client results a round aggregates (failed clients are "
+                               "logged and skipped; fewer results stop the run at the last checkpoint)")
+    timeout_s: float = _f(0.0, lo=0.0, hi=1e7, help="fl.engine flower: seconds a round waits for replies (0: no limit)")
+    supernodes: int = _f(0, lo=0, hi=1_000_000,
+                         help="fl.engine flower simulation: virtual SuperNodes (0: data.num_clients, one per client)")
+    client_cpus: float = _f(1.0, lo=0.0, lo_open=True, hi=1024.0, help="fl.engine flower simulation: CPUs per ClientApp")
+    client_gpus: float = _f(0.0, lo=0.0, hi=64.0,
+                            help="fl.engine flower simulation: GPUs per ClientApp (e.g. 1.0: one client per GPU)")
+
+
+@dataclass
 class FLSpec:
     rounds: int = _f(500, lo=1, hi=1_000_000)
     clients_per_round: int = _f(10, lo=1, hi=1_000_000)
@@ -91,11 +105,13 @@ class FLSpec:
     weight_decay: float = _f(5e-4, lo=0.0, hi=1.0, help="on conv and linear weights only (not on biases, gains, norms)")
     agc: float = _f(0.0, lo=0.0, hi=10.0,
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
-    engine: str = _f("auto", choices=["auto", "sequential", "batched"],
+    engine: str = _f("auto", choices=["auto", "sequential", "batched", "flower"],
                      help="client training: one after another, or a round's clients together as one computation "
-                          "(batched); auto picks the one measured faster (sequential for now)")
+                          "(batched); auto picks the one measured faster (sequential for now); flower: "
+                          "through Flower's simulation engine (pip install 'fedmef-toolkit[flower]')")
     batched_clients: int = _f(0, lo=0, hi=1_000_000,
                               help="batched engine: most clients trained at once (0: as many as fit in memory)")
+    flower: FlowerSpec = field(default_factory=FlowerSpec)
 
 
 @dataclass
@@ -437,7 +453,7 @@ def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool =
 
 #: keys added after runs were first saved, with the value that reproduces what such a run did
 #: (its model, its engine); a saved recipe.yaml always holds every key of its own version
-SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "fl.batched_clients": 0}
+SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "fl.batched_clients": 0, "fl.flower": {}}
 
 
 def load_saved_recipe(path: str, overrides: list[str] | None = None,
@@ -453,7 +469,7 @@ def load_saved_recipe(path: str, overrides: list[str] | None = None,
         for part in sections:
             node = node.setdefault(part, {}) if isinstance(node, dict) else None
         if isinstance(node, dict) and last not in node:
-            node[last] = value
+            node[last] = copy.deepcopy(value)
             missing.append(key)
     return recipe_from_dict(apply_overrides(data, overrides or []), src, need_data), tuple(missing)
 

@@ -3,8 +3,9 @@
 `SequentialEngine` trains the sampled clients one after another on a single
 worker copy of the model, in this process (the embedded default on the CPU).
 `BatchedEngine` (batched.py) trains them together as one computation per
-step, which is what a GPU needs at federated batch sizes. `select_engine`
-resolves `fl.engine` (auto, sequential, batched) and says why.
+step, which is what a GPU needs at federated batch sizes. `FlowerEngine`
+(fedmef_toolkit/flower) sends them to Flower SuperNodes. `select_engine`
+resolves `fl.engine` (auto, sequential, batched, flower) and says why.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tu
     `example`: a normalised input batch on the device."""
     if requested == "sequential":
         return "sequential", "fl.engine: sequential"
+    if requested == "flower":
+        return "flower", "fl.engine: flower (clients run as Flower ClientApps)"
     if requested == "auto":
         where = "on the CPU" if example.device.type != "cuda" else "(the batched engine measured slower on GPUs)"
         return "sequential", f"fl.engine auto: sequential {where}"
@@ -62,7 +65,14 @@ def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tu
     return "batched", "fl.engine: batched"
 
 
-def build_engine(name: str, trainer: ClientTrainer, seed: int, max_clients: int = 0):
+def build_engine(name: str, trainer: ClientTrainer, seed: int, max_clients: int = 0, recipe=None,
+                 arch_desc=None):
+    if name == "flower":  # its Grid is attached where a ServerApp runs (fedmef_toolkit/flower)
+        from ..flower import require_flower
+        from ..flower.engine import FlowerEngine
+
+        require_flower()
+        return FlowerEngine(recipe, arch_desc, seed)
     if name == "batched":
         return BatchedEngine(trainer, seed, max_clients)
     return SequentialEngine(trainer, seed)

@@ -101,7 +101,8 @@ class Simulator:
                                      cuda_graphs=recipe.cuda_graphs, agc=fl.agc)
         example = self.augment.normalize(self.train_x[:2])
         self.engine_name, self.engine_reason = select_engine(fl.engine, self.model, example)
-        self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients)
+        self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients, recipe,
+                                   self.arch_desc)
         self.start_round = 0
         self.resumed = False
         self.totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
@@ -266,6 +267,7 @@ class Simulator:
         self.phase = "clients"  # the global model is untouched until aggregation
         results = self.engine.run_round(t, self.model, clients, lambda: self.strategy.client_plan(t, lr, self.model))
         self.phase = "server"
+        row.update(getattr(self.engine, "round_log", dict)())  # e.g. Flower: failed clients, bytes on the wire
         up = sum(self.strategy.upload_bytes(r) for r in results)
         self.strategy.aggregate(self.model, results, t)
         row.update(self.strategy.end_round(t, self.model, results, self.evaluate))

@@ -1,0 +1,190 @@
+"""Flower integration (fedmef-toolkit[flower]): the same run on Flower as in the built-in simulator.
+
+Skipped, with the reason, where flwr is not installed. Equivalence tolerance:
+sampled clients, bytes and the message layout must be equal; per-round
+accuracy within 1e-6 absolute and train loss within 1e-5 relative (measured:
+identical, both run the same float ops on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedmef-toolkit[flower]')")
+
+import torch  # noqa: E402
+from conftest import small_recipe  # noqa: E402
+
+from fedmef_toolkit.fl.comm import state_bytes  # noqa: E402
+from fedmef_toolkit.fl.simulator import Simulator  # noqa: E402
+from fedmef_toolkit.flower import codec  # noqa: E402
+from fedmef_toolkit.recipe import recipe_from_dict  # noqa: E402
+
+ACC_TOL, LOSS_RTOL = 1e-6, 1e-5
+SPARSE = {"method.sparsity.density": 0.5, "method.sparsity.delta_t": 2, "method.sparsity.t_end": 4}
+
+
+def _run(tmp_path, engine, **over):
+    r = small_recipe(tmp_path / engine, **{"fl.rounds": 2, "fl.engine": engine, **over})
+    sim = Simulator(recipe_from_dict(r), tmp_path / engine / "run", show_progress=False)
+    sim.write_run_files()
+    if engine == "flower":
+        from fedmef_toolkit.flower.simulation import run_in_simulation
+
+        return sim, run_in_simulation(sim)
+    return sim, sim.run()
+
+
+def test_state_codec_is_exact_and_counts_what_accounting_counts():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    dense_mask = torch.rand(w.shape, generator=g) < 0.5
+    sparse_mask = torch.zeros(w.shape, dtype=torch.bool)
+    sparse_mask.view(-1)[:3] = True  # few entries: int32 indices beat the bitmask
+    state = {"a.weight": w * dense_mask, "a.weight_mask": dense_mask, "b.weight": w * sparse_mask,
+             "b.weight_mask": sparse_mask, "a.bias": torch.randn(8), "n": torch.tensor(3)}
+    arrays, cfg = codec.encode_state(state)
+    assert "b.weight@idx" in arrays and "a.weight@bits" in arrays
+    assert codec.arrays_bytes(arrays) == state_bytes(state)
+    back = codec.decode_state(arrays, cfg)
+    assert set(back) == set(state)
+    for k in state:
+        assert torch.equal(back[k], state[k]), k
+
+
+@pytest.mark.parametrize("method,over", [("fedavg", {}), ("feddst", SPARSE),
+                                         ("fedmef", {**SPARSE, "method.sap.enabled": True})])
+def test_flower_simulation_matches_builtin_simulator(tmp_path, method, over):
+    over = {"method.name": method, **over}
+    _, ref = _run(tmp_path, "sequential", **over)
+    sim, rows = _run(tmp_path, "flower", **over)
+    assert len(rows) == len(ref) == 2
+    for a, b in zip(ref, rows):
+        assert a["clients"] == b["clients"]
+        assert abs(a["eval_acc"] - b["eval_acc"]) <= ACC_TOL
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL)
+        assert a["density"] == b["density"]
+        assert (a["bytes_down"], a["bytes_up"]) == (b["bytes_down"], b["bytes_up"])
+        # what travelled in Flower messages is exactly what communication accounting counts
+        assert (b["wire_bytes_down"], b["wire_bytes_up"]) == (b["bytes_down"], b["bytes_up"])
+        assert "failed_clients" not in b and b["engine"] == "flower"
+    if method == "fedmef":
+        assert rows[1].get("adjusted") and rows[1]["swapped"] > 0  # growth top-k travelled and was used
+    if method == "feddst":
+        assert rows[1]["bytes_up"] > 0
+    for f in ("metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "recipe.yaml"):
+        assert (sim.run_dir / f).exists(), f
+
+
+def test_failing_client_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Through `fedmef train`: client 3 (sampled in round 1) fails; the round aggregates the others."""
+    rdir = tmp_path / "r"
+    rdir.mkdir()
+    recipe = small_recipe(rdir, **{"fl.rounds": 2, "fl.engine": "flower", "fl.flower.min_results": 2})
+    (rdir / "recipe.yaml").write_text(json.dumps(recipe))
+    env = {**os.environ, "FEDMEF_FLOWER_FAULT": "1:3", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--recipe",
+                        str(rdir / "recipe.yaml"), "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = rdir / "runs" / "run"
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["clients"] == [3, 6, 7] and list(rows[0]["failed_clients"]) == ["3"]
+    assert "injected fault" in rows[0]["failed_clients"]["3"]
+    assert rows[0]["wire_bytes_up"] == rows[0]["bytes_up"] and rows[0]["bytes_up"] * 3 == rows[1]["bytes_up"] * 2
+    assert "failed_clients" not in rows[1]
+    assert (run_dir / "model.safetensors").exists()
+
+
+class _Reply:
+    """Duck-typed Flower reply: what FlowerEngine reads of one."""
+
+    def __init__(self, to, node, content=None, error=None):
+        from types import SimpleNamespace
+
+        self.metadata = SimpleNamespace(reply_to_message_id=to, src_node_id=node)
+        self.content, self.error = content, (SimpleNamespace(reason=error) if error else None)
+
+    def has_error(self):
+        return self.error is not None
+
+
+class _FailingGrid:
+    """Two worker nodes whose train messages all fail (no Ray: fast)."""
+
+    def __init__(self):
+        self.sent = {}
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, msgs, timeout=None):
+        from flwr.app import ConfigRecord, RecordDict
+
+        return [_Reply("q", m.metadata.dst_node_id,
+                       RecordDict({"config": ConfigRecord({"partition-id": -1, "num-partitions": 0})}))
+                for m in msgs]
+
+    def push_messages(self, msgs):
+        ids = [f"m{len(self.sent) + i}" for i, _ in enumerate(msgs)]
+        self.sent.update({i: m.metadata.dst_node_id for i, m in zip(ids, msgs)})
+        return ids
+
+    def pull_messages(self, ids):
+        return [_Reply(i, self.sent[i], error="ClientApp raised: CUDA out of memory") for i in ids]
+
+
+def test_too_few_results_stop_the_run_at_its_last_checkpoint(tmp_path):
+    from fedmef_toolkit.flower.engine import TooFewResults
+
+    r = small_recipe(tmp_path, **{"fl.rounds": 2, "fl.engine": "flower", "fl.flower.min_results": 1})
+    sim = Simulator(recipe_from_dict(r), tmp_path / "run", show_progress=False)
+    sim.write_run_files()
+    sim.engine.grid = _FailingGrid()
+    with pytest.raises(TooFewResults, match="fewer than fl.flower.min_results=1") as info:
+        sim.run()
+    assert "CUDA out of memory" in str(info.value)
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 0
+    assert sorted(set(sim.engine.grid.sent.values())) == [1, 2]  # the round's clients went to both workers
+
+
+def test_two_supernode_deployment_on_localhost(tmp_path):
+    """SuperLink + 2 SuperNodes (workers) on 127.0.0.1, `flwr run` of an app from `fedmef flower app`."""
+    from flower_deploy import Deployment, bin_of
+
+    from fedmef_toolkit.flower.app_dir import write_app
+
+    recipe = recipe_from_dict(small_recipe(tmp_path, **{"fl.rounds": 2, "fl.engine": "flower",
+                                                        "fl.clients_per_round": 2}))
+    app = write_app(recipe, tmp_path / "app", min_nodes=2)
+    home = tmp_path / "app" / "flwr_home"
+    run_dir = tmp_path / "deploy-run"
+    path = f"{os.path.dirname(bin_of('flwr'))}{os.pathsep}{os.environ.get('PATH', '')}"  # flower-superexec etc.
+    d = Deployment(home, {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": path})
+    cfg = home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("127.0.0.1:9093", f"127.0.0.1:{d.port}"))
+    try:
+        d.superlink()
+        d.wait_port()
+        d.supernode("node1")
+        d.supernode("node2")
+        p = subprocess.run([bin_of("flwr"), "run", str(app), "fedmef-local", "--run-config",
+                            f"run-dir='{run_dir}' wait-s=60"], env=d.env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        end = time.time() + 150
+        while time.time() < end and not (run_dir / "model.safetensors").exists():
+            time.sleep(0.5)
+        assert (run_dir / "model.safetensors").exists(), d.logs()
+        rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2] and all("failed_clients" not in r for r in rows)
+        assert all(r["wire_bytes_up"] == r["bytes_up"] for r in rows)
+    finally:
+        d.stop()
