@@ -106,3 +106,20 @@ def test_cli_train_and_resume(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--resume", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_evaluation_does_not_depend_on_how_the_split_is_chunked():
+    """The CPU caps images per forward pass (memory); accuracy and loss must not change."""
+    from fedmef_toolkit.fl import evaluate as ev
+    from fedmef_toolkit.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("cnn4", 10, width=0.25)
+    x = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8)
+    y = torch.randint(0, 10, (300,))
+    norm = lambda v: v.float() / 255.0  # noqa: E731
+    whole = ev.evaluate(model, x, y, norm, batch_size=512)
+    assert ev.CPU_MAX_EVAL_BATCH < 300  # the cap really splits this split
+    for bs in (7, 64):
+        acc, loss = ev.evaluate(model, x, y, norm, batch_size=bs)
+        assert acc == whole[0] and abs(loss - whole[1]) < 1e-5
