@@ -57,3 +57,23 @@ def test_trainer_applies_agc_only_when_asked(tmp_path):
     conv_keys = [k for k in finals[0.0] if not k.startswith("fc")]
     assert all(finals[1e-3][k] < 0.5 * finals[0.0][k] for k in conv_keys)
     assert all(finals[1e-3][k] < 0.02 for k in conv_keys)  # at most ~steps * 1e-3 * lr-scaled growth
+
+
+def test_vectors_and_matrices_clip_as_the_unit_by_unit_reference():
+    """The grouped path for vectors gives what clipping each unit on its own gives."""
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (4,), (6, 4), (6,), (1,)]
+    ws = [nn.Parameter(torch.randn(s)) for s in shapes]
+    for w in ws:
+        w.grad = torch.randn(w.shape) * 10
+    ws[1].grad.zero_()  # a zero gradient stays zero (no division by zero)
+    expected = []
+    for w in ws:
+        units = w.detach().reshape(w.shape[0], -1) if w.dim() > 1 else w.detach().reshape(1, -1)
+        grads = w.grad.reshape(units.shape)
+        rows = [g * min(1.0, 0.3 * max(float(u.norm()), 1e-3) / max(float(g.norm()), 1e-6))
+                for u, g in zip(units, grads)]
+        expected.append(torch.stack(rows).reshape(w.shape))
+    adaptive_clip_(ws, clip=0.3)
+    for w, e in zip(ws, expected):
+        assert torch.allclose(w.grad, e, rtol=1e-5, atol=1e-7)
