@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .plots import save_figure
 
 COLUMNS = ["group", "run", "method", "model", "density", "rounds", "best acc", "best round", "final acc",
            "bytes up", "bytes down", "client memory MiB", "wall time s"]
@@ -231,9 +232,7 @@ def write_accuracy_png(runs: list[RunSummary], path: Path) -> bool:
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -262,7 +261,5 @@ def write_resources_png(runs: list[RunSummary], path: Path) -> bool:
             ax.set_xticks(xs)
             ax.set_xticklabels(labels, fontsize=7)
             ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

@@ -37,7 +37,20 @@ def write_accuracy_curves(run_dirs: list[Path], out: Path) -> bool:
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return True
+
+
+def save_figure(fig, path) -> None:
+    """Write a figure as a PNG atomically (a kill leaves the old picture or the new) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .storage import replace_bytes
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    replace_bytes(Path(path), buf.getvalue())

@@ -155,14 +155,14 @@ def test_too_few_results_stop_the_run_at_its_last_checkpoint(tmp_path):
     assert sorted(set(sim.engine.grid.sent.values())) == [1, 2]  # the round's clients went to both workers
 
 
-def test_two_supernode_deployment_on_localhost(tmp_path):
-    """SuperLink + 2 SuperNodes (workers) on 127.0.0.1, `flwr run` of an app from `fedmef flower app`."""
+def _deployment(tmp_path, **over):
+    """A SuperLink and two SuperNodes (workers) on 127.0.0.1 and `flwr run` of an app written by
+    `fedmef flower app` for a small recipe; returns (deployment, run directory)."""
     from flower_deploy import Deployment, bin_of
 
     from fedmef_toolkit.flower.app_dir import write_app
 
-    recipe = recipe_from_dict(small_recipe(tmp_path, **{"fl.rounds": 2, "fl.engine": "flower",
-                                                        "fl.clients_per_round": 2}))
+    recipe = recipe_from_dict(small_recipe(tmp_path, **{"fl.engine": "flower", "fl.clients_per_round": 2, **over}))
     app = write_app(recipe, tmp_path / "app", min_nodes=2)
     home = tmp_path / "app" / "flwr_home"
     run_dir = tmp_path / "deploy-run"
@@ -176,61 +176,54 @@ def test_two_supernode_deployment_on_localhost(tmp_path):
         d.supernode("node1")
         d.supernode("node2")
         p = subprocess.run([bin_of("flwr"), "run", str(app), "fedmef-local", "--run-config",
-                            f"run-dir='{run_dir}' wait-s=60"], env=d.env, capture_output=True, text=True,
-                           timeout=60)
+                            f"run-dir='{run_dir}' wait-s=60"], env=d.env, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        end = time.time() + 150
-        while time.time() < end and not (run_dir / "model.safetensors").exists():
-            time.sleep(0.5)
-        assert (run_dir / "model.safetensors").exists(), d.logs()
+    except BaseException:
+        d.stop()  # no processes left behind when the start fails
+        raise
+    return d, run_dir
+
+
+def _wait_for(path, seconds: float, nonempty: bool = False) -> bool:
+    end = time.time() + seconds
+    while time.time() < end:
+        if path.exists() and (not nonempty or path.read_text().strip()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_two_supernode_deployment_on_localhost(tmp_path):
+    """SuperLink + 2 SuperNodes (workers) on 127.0.0.1, `flwr run` of an app from `fedmef flower app`."""
+    d = None
+    try:
+        d, run_dir = _deployment(tmp_path, **{"fl.rounds": 2})
+        assert _wait_for(run_dir / "model.safetensors", 150), d.logs()
         rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2] and all("failed_clients" not in r for r in rows)
         assert all(r["wire_bytes_up"] == r["bytes_up"] for r in rows)
     finally:
-        d.stop()
+        if d is not None:
+            d.stop()
 
 
 def test_killing_a_supernode_mid_run_leaves_the_run_going(tmp_path):
     """Deployment on localhost with 2 SuperNodes; one is killed (SIGKILL, with the ClientApp it
     runs) after round 1: the clients it was to train are logged as failed (no reply in time, or
     disconnected) and the run finishes its rounds with the results that came back."""
-    from flower_deploy import Deployment, bin_of
-
-    from fedmef_toolkit.flower.app_dir import write_app
-
-    recipe = recipe_from_dict(small_recipe(tmp_path, **{
-        "fl.rounds": 3, "fl.engine": "flower", "fl.clients_per_round": 2, "fl.flower.min_results": 1,
-        "fl.flower.timeout_s": 20}))
-    app = write_app(recipe, tmp_path / "app", min_nodes=2)
-    home = tmp_path / "app" / "flwr_home"
-    run_dir = tmp_path / "deploy-run"
-    path = f"{os.path.dirname(bin_of('flwr'))}{os.pathsep}{os.environ.get('PATH', '')}"
-    d = Deployment(home, {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": path})
-    cfg = home / "config.toml"
-    cfg.write_text(cfg.read_text().replace("127.0.0.1:9093", f"127.0.0.1:{d.port}"))
-    metrics = run_dir / "metrics.jsonl"
+    d = None
     try:
-        d.superlink()
-        d.wait_port()
-        d.supernode("node1")
-        d.supernode("node2")
-        p = subprocess.run([bin_of("flwr"), "run", str(app), "fedmef-local", "--run-config",
-                            f"run-dir='{run_dir}' wait-s=60"], env=d.env, capture_output=True, text=True,
-                           timeout=60)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        end = time.time() + 150
-        while time.time() < end and not (metrics.exists() and metrics.read_text().strip()):
-            time.sleep(0.2)
-        assert metrics.exists() and metrics.read_text().strip(), d.logs()
+        d, run_dir = _deployment(tmp_path, **{"fl.rounds": 3, "fl.flower.min_results": 1,
+                                              "fl.flower.timeout_s": 20})
+        metrics = run_dir / "metrics.jsonl"
+        assert _wait_for(metrics, 150, nonempty=True), d.logs()
         d.kill("node2")
-        end = time.time() + 200
-        while time.time() < end and not (run_dir / "model.safetensors").exists():
-            time.sleep(0.5)
-        assert (run_dir / "model.safetensors").exists(), d.logs()
+        assert _wait_for(run_dir / "model.safetensors", 200), d.logs()
         rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2, 3]
         failed = [r for r in rows[1:] if r.get("failed_clients")]
         assert failed, rows
         assert all("node" in why for r in failed for why in r["failed_clients"].values())
     finally:
-        d.stop()
+        if d is not None:
+            d.stop()
