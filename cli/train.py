@@ -108,7 +108,7 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         except BaseException:  # e.g. a full disk: the new, still empty run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    old_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if recipe.fl.engine == "flower":  # the same Simulator, its clients on Flower's simulation engine
             from fedmef_toolkit.flower.simulation import run_in_simulation
@@ -124,7 +124,7 @@ def train(recipe_name, overrides, resume_dir, no_progress):
                           soft_wrap=True)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, old_handler)
     from fedmef_toolkit.plots import write_accuracy_curves
 
     write_accuracy_curves([run_dir], RunDir(run_dir).accuracy_png)

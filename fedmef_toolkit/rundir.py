@@ -31,6 +31,7 @@ MODEL = "model.safetensors"
 MEMORY_JSON = "memory.json"
 MEMORY_PNG = "memory.png"
 ACCURACY_PNG = "accuracy.png"
+LOCK = ".lock"  # held (flock) by the process that writes the run
 EXPORTS = {"sparse-safetensors": "model.sparse.safetensors", "safetensors": "model.dense.safetensors"}
 
 # metadata keys of the safetensors files a run writes

@@ -218,10 +218,11 @@ def append_line(handle, path: Path, line: str) -> None:
     fault_point("appended", path)
 
 
-def lock_run_dir(run_dir: Path):
-    """Hold an advisory lock on a run directory for as long as the returned handle is open:
-    a second `fedmef train --resume` of the same run is refused instead of interleaving."""
-    path = Path(run_dir) / ".lock"
+def lock_run_dir(run_dir: Path, name: str = ".lock"):
+    """Hold an advisory lock on a run directory (its file `name`, `rundir.LOCK`) for as long as
+    the returned handle is open: a second `fedmef train --resume` of the same run is refused
+    instead of interleaving."""
+    path = Path(run_dir) / name
     try:
         handle = open(path, "a")
     except OSError as exc:

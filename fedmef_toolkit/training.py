@@ -39,8 +39,11 @@ def train(recipe, overrides: dict | list[str] | None = None, run_dir: str | Path
         run = RunDir.open(run_dir)
         rec, legacy = load_saved_recipe(str(run.recipe))
         sim = Simulator(rec, run.path, show_progress=progress)
-        sim.resume(rec.digest(without=legacy))
-        return TrainResult(run.path, sim.run())
+        try:
+            sim.resume(rec.digest(without=legacy))
+            return TrainResult(run.path, _rounds(sim))
+        finally:
+            sim.unlock()
     items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
     if isinstance(recipe, Recipe):
         if items:
@@ -56,7 +59,19 @@ def train(recipe, overrides: dict | list[str] | None = None, run_dir: str | Path
     write_text_atomic(run.recipe, recipe_to_yaml(rec))
     assert run.recipe.name == RECIPE
     sim = Simulator(rec, run.path, show_progress=progress)
-    sim.write_run_files()
-    if rec.output.memory_report:
-        write_report_for_simulator(sim, quiet=True)
-    return TrainResult(run.path, sim.run())
+    try:
+        sim.write_run_files()
+        if rec.output.memory_report:
+            write_report_for_simulator(sim, quiet=True)
+        return TrainResult(run.path, _rounds(sim))
+    finally:
+        sim.unlock()  # also when something above failed: the run can be resumed in this process
+
+
+def _rounds(sim) -> list[dict]:
+    """The remaining rounds, on the engine the recipe names (Flower's simulation engine or ours)."""
+    if sim.recipe.fl.engine == "flower":
+        from .flower.simulation import run_in_simulation
+
+        return run_in_simulation(sim)
+    return sim.run()

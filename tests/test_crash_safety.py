@@ -226,3 +226,22 @@ def test_a_run_saved_before_newer_recipe_keys_resumes_as_it_trained(tmp_path):
     assert again.returncode == 0, again.stderr
     rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2]
+
+
+def test_a_run_killed_after_its_preparation_line_but_before_its_first_checkpoint_starts_over(tmp_path):
+    """PruneFL/FedTiny log their preparation (round 0) before the round-0 checkpoint; a run
+    killed between the two has no checkpoint to resume from, so resume starts it over."""
+    from fedmef_toolkit.fl.simulator import Simulator
+    from fedmef_toolkit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(small_recipe(tmp_path, **{"fl.rounds": 1, "method.name": "fedavg_sparse"}))
+    run = tmp_path / "r"
+    sim = Simulator(recipe, run, show_progress=False)
+    sim.write_run_files()
+    sim.unlock()
+    (run / "metrics.jsonl").write_text('{"round": 0, "prepared": true}\n{"round": 1, "lr"')  # + a torn line
+    again = Simulator(recipe, run, show_progress=False)
+    again.resume()
+    assert again.start_round == 0 and (run / "metrics.jsonl").read_text() == ""
+    again.run()
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]

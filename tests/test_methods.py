@@ -230,3 +230,20 @@ def test_fedtiny_end_to_end_progressive_blocks_reach_exact_target(tmp_path, norm
     assert {n: int(m.sum()) for n, m in get_masks(sim.model).items()} == target
     for m in prunable_modules(sim.model).values():
         assert torch.all(m.weight[~m.weight_mask] == 0)
+
+
+def test_memory_report_measures_prunefl_and_fedtiny_at_their_target_density():
+    """Both hold all-ones masks until their preparation before round 1; the report must measure
+    the sparse model clients train, as the reference (BN, same density) is measured."""
+    import torch
+
+    from fedmef_toolkit.memory.report import build_report, configs_for_recipe
+
+    for name in ("prunefl", "fedtiny"):
+        r = load_recipe("quickstart.yaml", [f"method.name={name}", "method.sparsity.density=0.2"])
+        configs = configs_for_recipe(r, r.data.synthetic.num_classes, r.data.synthetic.image_size)
+        report = build_report(configs, 8, r.data.synthetic.image_size, r.data.synthetic.num_classes,
+                              torch.device("cpu"))
+        subject, ref = report["configurations"]
+        assert abs(subject["density"] - 0.2) < 0.01 and abs(ref["density"] - 0.2) < 0.01, name
+        assert subject["analytic"]["weights"] < 0.5 * (subject["parameters"] * 4), name

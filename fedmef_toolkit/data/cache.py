@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..errors import UserError
 
 CACHE_VERSION = 1
 
@@ -47,11 +49,13 @@ def cached_decode(path: Path, tag: str, cache_dir: str | None, decode: Callable[
     result = _decode_with_progress(path, file, decode)
     tensors = {k: v.contiguous() for k, v in result.items() if isinstance(v, torch.Tensor)}
     try:
+        from safetensors.torch import save
+
+        from ..storage import replace_bytes  # a temp file of this process's own, then rename
+
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"classes": json.dumps(result.get("classes", []))})
-        os.replace(tmp, file)
-    except OSError:
+        replace_bytes(file, save(tensors, metadata={"classes": json.dumps(result.get("classes", []))}))
+    except (OSError, UserError):
         pass  # an unwritable cache only costs time
     return result
 

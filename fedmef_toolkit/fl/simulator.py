@@ -74,6 +74,14 @@ def committed_length(metrics: Path, last_round: int) -> int:
     return size
 
 
+def _rounds_logged(metrics: Path) -> bool:
+    """Whether metrics.jsonl holds a complete line of a round after 0 (training has run)."""
+    if not metrics.exists():
+        return False
+    with open(metrics, "rb") as f:
+        return any(line.endswith(b"\n") and _round_of(line) > 0 for line in f)
+
+
 class Simulator:
     def __init__(self, recipe: Recipe, run_dir: Path, console=None, show_progress: bool = True):
         self.recipe = recipe
@@ -141,15 +149,19 @@ class Simulator:
         except OSError as exc:
             raise io_error(exc, self.run_dir, "cannot create the run directory") from None
         self.lock()
-        write_text_atomic(self.run_dir / rd.RECIPE, self.recipe_text())
-        write_text_atomic(self.run_dir / rd.PARTITION, json.dumps({
-            "num_clients": len(self.parts), "classes": self.data.classes,
-            "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
+        try:
+            write_text_atomic(self.run_dir / rd.RECIPE, self.recipe_text())
+            write_text_atomic(self.run_dir / rd.PARTITION, json.dumps({
+                "num_clients": len(self.parts), "classes": self.data.classes,
+                "sizes": [len(p) for p in self.parts], "class_histograms": self.histograms}))
+        except BaseException:
+            self.unlock()
+            raise
 
     def lock(self) -> None:
         """Take the run directory's lock (kept until `unlock`): one process writes a run."""
         if self._lock is None:
-            self._lock = lock_run_dir(self.run_dir)
+            self._lock = lock_run_dir(self.run_dir, rd.LOCK)
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -167,11 +179,23 @@ class Simulator:
 
     def resume(self, previous_digest: str | None = None) -> None:
         """Continue from the run's checkpoint. `previous_digest`: the digest of the recipe the
-        run was started with, when only fl.rounds changed (`--resume --set fl.rounds=N`)."""
+        run was started with, when only fl.rounds changed (`--resume --set fl.rounds=N`).
+        The run directory stays locked for `run`; a failed resume releases it."""
         self.lock()
+        try:
+            self._resume(previous_digest)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _resume(self, previous_digest: str | None) -> None:
         metrics = self.run_dir / rd.METRICS
-        if not (self.run_dir / CKPT).exists() and not (metrics.exists() and metrics.stat().st_size):
-            self.write_run_files()  # killed before its round-0 checkpoint: nothing to lose, start over
+        if not (self.run_dir / CKPT).exists() and not _rounds_logged(metrics):
+            # killed before its round-0 checkpoint: nothing to lose (at most the line of the
+            # method's preparation, which runs again), start over
+            if metrics.exists() and metrics.stat().st_size:
+                truncate_to(metrics, 0)
+            self.write_run_files()
             return
         model_state, strat, state = load_checkpoint(self.run_dir)
         accepted = {self.recipe.digest(), previous_digest, *([state.get("recipe_digest")] if state.get(
@@ -328,14 +352,15 @@ class Simulator:
         rows: list[dict] = []
         last_acc = None
         prep = self.prepare() if self.start_round == 0 and not self.resumed else None
+        if prep is not None:  # logged before the round-0 checkpoint (resume cuts what follows it)
+            with open_append(self.run_dir / rd.METRICS) as log:
+                append_line(log, self.run_dir / rd.METRICS, json.dumps(prep))
         if self.start_round == 0:  # a run killed before its first periodic checkpoint still resumes
             self.checkpoint(0)
         done = self.start_round  # the last round whose result is in the model and in metrics.jsonl
         self.phase = "idle"
         with RoundProgress(fl.rounds, self.start_round, self.console, enabled=self.show_progress) as progress, \
                 open_append(self.run_dir / rd.METRICS) as log:
-            if prep is not None:
-                append_line(log, self.run_dir / rd.METRICS, json.dumps(prep))
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes

@@ -46,27 +46,34 @@ def make_server_app(app_dir: Path | None = None) -> ServerApp:
 
 
 def main(grid: Grid, context: Context, base: Path | None = None) -> None:
+    from ..errors import UserError
     from ..fl.simulator import Simulator
-    from ..recipe import load_recipe, recipe_to_yaml
+    from ..recipe import load_recipe, load_saved_recipe, recipe_to_yaml
+    from ..rundir import RunDir
     from ..storage import write_text_atomic
 
     cfg = context.run_config
     recipe = load_recipe(_resolve(str(cfg["recipe"]), base), ["fl.engine=flower"])
     run_dir = Path(_resolve(str(cfg.get("run-dir") or f"runs/{recipe.name}-flower"), None)).expanduser()
-    resume = (run_dir / "recipe.yaml").exists()
-    if resume:
-        recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    resume = run_dir.exists()
+    legacy: tuple[str, ...] = ()
+    if resume:  # an existing run directory is continued, never written into as a new run
+        run = RunDir.open(run_dir)
+        recipe, legacy = load_saved_recipe(str(run.recipe))
+        if recipe.fl.engine != "flower":
+            raise UserError(f"this run trains with fl.engine: {recipe.fl.engine}; continue it with "
+                            f"fedmef train --resume {run_dir}", str(run_dir))
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        run_dir = RunDir.create(run_dir.parent, run_dir.name, run_dir.name).path
+        write_text_atomic(RunDir(run_dir).recipe, recipe_to_yaml(recipe))
     try:
         sim = Simulator(recipe, run_dir, show_progress=False)
         if resume:
-            sim.resume()
+            sim.resume(recipe.digest(without=legacy))
         else:
             sim.write_run_files()
     except BaseException:
-        if not resume:
+        if not resume:  # the directory was created by this call: nothing of an earlier run is in it
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     rows = run_on_grid(sim, grid, int(cfg.get("min-nodes", 1)), float(cfg.get("wait-s", 300)))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
+from ..errors import UserError
+
 
 def backend_config(recipe) -> dict:
     import torch
@@ -57,5 +59,5 @@ def run_in_simulation(sim, verbose: bool = False) -> list[dict]:
     if "error" in out:
         raise out["error"]
     if "rows" not in out:
-        raise RuntimeError("Flower's simulation engine ended without running the ServerApp")
+        raise UserError("Flower's simulation engine ended without running the ServerApp (see its log above)")
     return out["rows"]

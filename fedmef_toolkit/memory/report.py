@@ -192,6 +192,22 @@ def build_report(configs: list[MemoryConfig], batch_size: int, image_size: int, 
     }
 
 
+def _at_most_density(build: Callable[[], nn.Module], density: float, distribution: str,
+                     seed: int) -> Callable[[], nn.Module]:
+    """`build`, with masks at `density` where its model is denser: PruneFL and FedTiny hold
+    all-ones masks until their server-side preparation before round 1 prunes the model, and a
+    report made before then would measure the dense model instead of what clients train."""
+    def built() -> nn.Module:
+        model = build()
+        masks = [m.weight_mask for m in prunable_modules(model).values() if getattr(m, "weight_mask", None) is not None]
+        if masks and sum(int(m.sum()) for m in masks) > density * sum(m.numel() for m in masks) * 1.01:
+            attach_masks(model, {k: v.to(masks[0].device) for k, v in
+                                 init_masks(model, density, distribution, "random", seed).items()})
+        return model
+
+    return built
+
+
 def _label_norm(desc: dict) -> str:
     return desc["kwargs"].get("norm", "bn") if desc["kind"] == "registry" else "nsconv"
 
@@ -215,6 +231,8 @@ def configs_for_recipe(recipe, num_classes: int, image_size: int, subject: Calla
     from ..fl.strategies import method_info
 
     density = meth.sparsity.density if method_info(meth.name).sparse else 1.0
+    if density < 1.0:
+        subject = _at_most_density(subject, density, meth.sparsity.distribution, recipe.seed)
     width = description["kwargs"].get("width", 1.0) if description["kind"] == "registry" else 1.0
     subj = MemoryConfig("this recipe", describe(description), _label_norm(description), width, density,
                         meth.sap.enabled, meth.sap.gamma, meth.sap.selection, recipe.fl.momentum,
