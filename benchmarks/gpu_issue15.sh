@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15 experiments in one device-tool call (runs concurrently on one GPU).
+#   PHASE=proxy: benchmarks/nsconv_proxy.py variants at once (PROXY="name|args;...")
 #   PHASE=mbdw: MobileNetV2 with uncentred depthwise filters, BN vs NSConv, momentum settings
 #   PHASE=sweep: static sparse FedAvg (density 0.1), BN vs NSConv variants, batch 64 and 8
 #   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm)
@@ -55,6 +56,14 @@ if [ "$PHASE" = sweep ]; then
   launch r18_ns_b8 $S "${B8[@]}" --set model.norm=nsconv
   launch mb_bn_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=bn
   launch mb_ns_b8 $S "${B8[@]}" --set model.arch=mobilenetv2 --set model.norm=nsconv
+elif [ "$PHASE" = proxy ]; then  # centralised proxy variants at once: PROXY="name|args;name|args;..."
+  IFS=';' read -ra SPECS <<< "${PROXY:-bn|--norm bn;ns|--norm nsconv;ns_centred|--variant dwcentred}"
+  for spec in "${SPECS[@]}"; do
+    name=${spec%%|*}; args=${spec#*|}
+    timeout $(left) python3 benchmarks/nsconv_proxy.py --data $DATA --device cuda --bf16 $args > "$OUT/proxy-$name.log" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/proxy-*.log; do echo "$(basename $f .log): $(tail -1 $f)"; done | tee "$OUT/proxy.md"
 elif [ "$PHASE" = mbdw ]; then  # MobileNetV2 with uncentred depthwise filters (momentum 0.9)
   M9=(--set fl.momentum=0.9)
   launch mb_bn_lr1 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
