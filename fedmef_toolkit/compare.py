@@ -179,19 +179,30 @@ def csv_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_table(header, rows, console) -> None:
-    """One rich table per group (the group is its title)."""
+    """One rich table per group (the group is its title): a run per row where that fits the
+    terminal, else transposed (a quantity per row, a run per column), so no cell is cut."""
     from rich.table import Table
 
     groups: dict[str, list[list[str]]] = {}
     for row in rows:
         groups.setdefault(row[0], []).append(row[1:])
+    cols = header[1:]
     for gname, members in groups.items():
-        table = Table(title=gname, title_justify="left")
-        for col in header[1:]:
-            left = col in ("run", "method", "model")
-            table.add_column(col, justify="left" if left else "right", no_wrap=col in ("run", "method"))
-        for row in members:
-            table.add_row(*row)
+        wide = sum(max(len(c), *(len(r[i]) for r in members)) + 3 for i, c in enumerate(cols)) + 1
+        if wide <= console.width:
+            table = Table(title=gname, title_justify="left")
+            for col in cols:
+                left = col in ("run", "method", "model")
+                table.add_column(col, justify="left" if left else "right", no_wrap=col in ("run", "method"))
+            for row in members:
+                table.add_row(*row)
+        else:
+            table = Table(title=gname, title_justify="left")
+            table.add_column("", justify="left", no_wrap=True)
+            for row in members:
+                table.add_column(row[0], justify="right")
+            for i, col in enumerate(cols[1:], start=1):
+                table.add_row(col, *(row[i] for row in members))
         console.print(table)
     console.print("client memory: the memory report's weights + saved activations of one step (memory.json); "
                   "bytes: totals over all rounds and clients", highlight=False)

@@ -101,3 +101,19 @@ def test_compare_bad_run_dirs_are_one_line_errors(runs, tmp_path):
         assert res.exit_code == 2, res.output
         err = res.output.strip()
         assert err.count("\n") == 0 and why in err and str(path) in err
+
+
+def test_compare_table_fits_80_columns_without_cutting_a_cell(runs, tmp_path):
+    """Too wide for the terminal, the table is transposed (a quantity per row, a run per
+    column): every value is printed whole."""
+    from rich.console import Console
+
+    from fedmef_toolkit.compare import comparison_rows, load_run, render_table
+
+    header, rows = comparison_rows([load_run(runs[n]) for n in ("fedavg", "prunefl", "fedtiny")])
+    console = Console(width=80, record=True, color_system=None)
+    render_table(header, rows, console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for row in rows:
+        assert all(cell in text for cell in row[1:] if cell)  # every value, whole
