@@ -15,8 +15,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import rundir as rd
 from .errors import UserError
 from .plots import save_figure
+from .rundir import RunDir
 
 COLUMNS = ["group", "run", "method", "model", "density", "rounds", "best acc", "best round", "final acc",
            "bytes up", "bytes down", "client memory MiB", "wall time s"]
@@ -83,19 +85,16 @@ def load_run(run_dir: Path) -> RunSummary:
     """One run directory; a UserError naming the path if it is not one."""
     from .recipe import load_saved_recipe
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError("not a directory", str(run_dir))
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError("not a run directory (no recipe.yaml)", str(run_dir))
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise UserError("no metrics.jsonl: the run has not logged a round", str(run_dir))
-    recipe = load_saved_recipe(str(run_dir / "recipe.yaml"))[0]
-    rows = _read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir.open(run_dir)
+    run_dir = run.path
+    if not run.metrics.is_file():
+        raise UserError(f"no {rd.METRICS}: the run has not logged a round", str(run_dir))
+    recipe = load_saved_recipe(str(run.recipe))[0]
+    rows = _read_metrics(run.metrics)
     if not rows:
-        raise UserError("metrics.jsonl holds no rounds", str(run_dir))
+        raise UserError(f"{rd.METRICS} holds no rounds", str(run_dir))
     memory = None
-    mem_path = run_dir / "memory.json"
+    mem_path = run_dir / rd.MEMORY_JSON
     if mem_path.is_file():
         try:
             memory = float(json.loads(mem_path.read_text())["configurations"][0]["paper_figure"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    """A run's metrics rows (a torn last line, from a kill mid-write, is skipped)."""
+    from .rundir import RunDir
+
+    return RunDir(run_dir).read_metrics()
 
 
 def write_accuracy_curves(run_dirs: list[Path], out: Path) -> bool:

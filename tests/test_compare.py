@@ -95,7 +95,7 @@ def test_compare_bad_run_dirs_are_one_line_errors(runs, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(runs["fedavg"], broken)
     (broken / "metrics.jsonl").write_text('{"round": 1}\nnot json\n{"round": 2}\n')
-    for path, why in [(tmp_path / "missing", "not a directory"), (empty, "no recipe.yaml"),
+    for path, why in [(tmp_path / "missing", "not a run directory"), (empty, "no recipe.yaml"),
                       (broken, "line 2 of metrics.jsonl is not JSON")]:
         res = CliRunner().invoke(main, ["compare", str(runs["fedavg"]), str(path), "-o", str(tmp_path / "o")])
         assert res.exit_code == 2, res.output
