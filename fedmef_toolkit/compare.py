@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import rundir as rd
 from .errors import UserError
-from .plots import save_figure
+from .plots import draw_accuracy, label_accuracy_axes, save_figure
+from .plots import pyplot as _pyplot
 from .rundir import RunDir
 
 COLUMNS = ["group", "run", "method", "model", "density", "rounds", "best acc", "best round", "final acc",
@@ -207,17 +208,6 @@ def render_table(header, rows, console) -> None:
                   "bytes: totals over all rounds and clients", highlight=False)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def write_accuracy_png(runs: list[RunSummary], path: Path) -> bool:
     """Accuracy per round, one panel per group; each mask adjustment is a short vertical segment
     from the accuracy just before to just after it (a dot where only the round is known).
@@ -229,19 +219,10 @@ def write_accuracy_png(runs: list[RunSummary], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups), 4.0), squeeze=False)
     for ax, (gname, members) in zip(axes[0], groups.items()):
         for r in members:
-            if not r.evals:
-                continue
-            line, = ax.plot(*zip(*r.evals), label=f"{r.method} ({r.name})")
-            for t, before, after in r.adjusted:
-                if before is not None and after is not None:
-                    ax.plot([t, t], [before, after], color=line.get_color(), marker="_", linewidth=2)
-                elif r.acc_at(t) is not None:
-                    ax.plot([t], [r.acc_at(t)], color=line.get_color(), marker="v", markersize=4)
+            if r.evals:
+                draw_accuracy(ax, r.evals, r.adjusted, f"{r.method} ({r.name})")
         ax.set_title(gname)
-        ax.set_xlabel("round")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        label_accuracy_axes(ax, "accuracy", 7)
     save_figure(fig, path)
     return True
 

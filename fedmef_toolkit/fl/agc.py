@@ -26,9 +26,20 @@ def agc_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
-def _unit_norms(t: torch.Tensor) -> torch.Tensor:
-    """Norm of each output row of a matrix or conv kernel; a vector is one unit."""
-    return t.flatten(1).norm(dim=1) if t.dim() > 1 else t.norm().reshape(1)
+def _unit_norms(t: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+    """Norm of each output row of a matrix or conv kernel; a vector is one unit. The first
+    `batch_dims` dimensions (stacked clients) are kept apart."""
+    if t.dim() - batch_dims > 1:
+        return t.flatten(batch_dims + 1).norm(dim=-1)
+    return t.flatten(batch_dims).norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3, batch_dims: int = 0) -> None:
+    """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps)."""
+    scale = (_unit_norms(w, batch_dims).clamp_min_(eps) * clip
+             / _unit_norms(g, batch_dims).clamp_min_(1e-6)).clamp_max_(1.0)
+    g.mul_(scale.view(*scale.shape, *([1] * (g.dim() - scale.dim()))).to(g.dtype))
 
 
 @torch.no_grad()
@@ -56,8 +67,4 @@ def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) 
         torch._foreach_clamp_max_(scales, 1.0)
         torch._foreach_mul_(vec_g, scales)
     for w in mats:
-        g = w.grad
-        w_norm = _unit_norms(w).clamp_min_(eps)
-        g_norm = _unit_norms(g).clamp_min_(1e-6)
-        scale = (w_norm * clip / g_norm).clamp_max_(1.0)
-        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+        clip_units_(w, w.grad, clip, eps)

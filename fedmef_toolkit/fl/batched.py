@@ -46,7 +46,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..sparse.masks import MASK_SUFFIX, prunable_modules
-from .agc import agc_weights
+from .agc import agc_weights, clip_units_
 from .client import ClientData, ClientResult, ClientTrainer, client_generator
 from .graphs import GraphedForward
 from .stacked import per_client_cross_entropy, stack_inputs, stack_model
@@ -148,8 +148,9 @@ class StackedClients:
         if masked:
             torch._foreach_mul_([grads[w] for w, _ in masked], [self.buffers[m][:active] for _, m in masked])
         if self.agc > 0:
-            _clip_stacked([params[n] for n in self.clipped if n in params],
-                          [grads[n] for n in self.clipped if n in params], self.agc)
+            for n in self.clipped:  # units are a client's output rows (its whole vector for gains, biases)
+                if n in params:
+                    clip_units_(params[n], grads[n], self.agc, batch_dims=1)
         decay = [n for n in self.decay if n in params]
         if self.weight_decay and decay:
             torch._foreach_add_([grads[n] for n in decay], [params[n] for n in decay], alpha=self.weight_decay)
@@ -179,17 +180,6 @@ class StackedClients:
 
 def _signature(model: nn.Module) -> tuple:
     return tuple((n, tuple(t.shape), t.dtype) for n, t in model.state_dict().items())
-
-
-@torch.no_grad()
-def _clip_stacked(weights: list[torch.Tensor], grads: list[torch.Tensor], clip: float, eps: float = 1e-3) -> None:
-    """`adaptive_clip_` for stacked clients: units are a client's output rows (a client's
-    whole vector for biases and gains)."""
-    for w, g in zip(weights, grads):
-        def unit_norms(t):
-            return t.flatten(2).norm(dim=2) if t.dim() > 2 else t.norm(dim=1, keepdim=True)
-        scale = (unit_norms(w).clamp_min_(eps) * clip / unit_norms(g).clamp_min_(1e-6)).clamp_max_(1.0)
-        g.mul_(scale.view(*scale.shape, *([1] * (g.dim() - scale.dim()))).to(g.dtype))
 
 
 def _same_size_runs(xs: list[torch.Tensor]) -> list[list[int]]:
