@@ -3,6 +3,7 @@
 #   PHASE=proxy: benchmarks/nsconv_proxy.py variants at once (PROXY="name|args;...")
 #   PHASE=mbdw: MobileNetV2 with uncentred depthwise filters, BN vs NSConv, momentum settings
 #   PHASE=sweep: static sparse FedAvg (density 0.1), BN vs NSConv variants, batch 64 and 8
+#   PHASE=headc: centred classifier input at BN's learning rates (MobileNetV2 b64, ResNet18 b8)
 #   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm)
 #   PHASE=step:  bench_step.py (memory and speed of one client step)
 # Needs carry/ (wheels + the CIFAR-10 archive). Results: $OUT/*.md and $OUT/metrics.tgz.
@@ -129,6 +130,24 @@ elif [ "$PHASE" = sweep5 ]; then
   launch mb_ns_u_r18recipe $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.3 --set model.nsconv.alpha=0.5
   launch mb_ns_u_lr3 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${NOCAL[@]}" "${A16[@]}" --set fl.lr=0.3
   launch mb_ns_u_cal_lr1 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${CAL[@]}" "${A16[@]}" --set fl.lr=0.1
+elif [ "$PHASE" = headc ]; then  # centred classifier input (model.nsconv.center_head): BN's learning rates
+  HC=(--set model.nsconv.center_head=true)
+  launch mb_bn_lr1 $S "${B64[@]}" "${MB[@]}" --set model.norm=bn --set fl.lr=0.1
+  launch mb_ns_hc_lr1 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" --set fl.lr=0.1
+  launch mb_ns_hc_lr1_agc $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.1
+  launch mb_ns_hc_lr3_agc $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.3
+  launch mb_ns_hc_lr1_agc_cal $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" "${A16[@]}" "${CAL[@]}" --set fl.lr=0.1
+  launch mb_ns_hc_lr1_agc_a5 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" "${A16[@]}" --set model.nsconv.alpha=0.5 --set fl.lr=0.1
+  launch mb_ns_hc_m9 $S "${B64[@]}" "${MB[@]}" "${NS[@]}" "${HC[@]}" --set fl.lr=0.01 --set fl.momentum=0.9
+  launch r18_bn_b8 $S "${B8[@]}" --set model.norm=bn --set fl.lr=0.03
+  launch r18_bn_b8_m9 $S "${B8[@]}" --set model.norm=bn --set fl.lr=0.003 --set fl.momentum=0.9
+  R18=("${NS[@]}" "${CAL[@]}" --set model.nsconv.alpha=0.5)
+  launch r18_ns_b8_hc_lr1 $S "${B8[@]}" "${R18[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.1
+  launch r18_ns_b8_hc_lr03 $S "${B8[@]}" "${R18[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.03
+  launch r18_ns_b8_hc_lr3 $S "${B8[@]}" "${R18[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.3
+  launch r18_ns_b8_lr05 $S "${B8[@]}" "${R18[@]}" "${A16[@]}" --set fl.lr=0.05
+  launch r18_ns_b8_hc_lr1_agc08 $S "${B8[@]}" "${R18[@]}" "${HC[@]}" --set fl.agc=0.08 --set fl.lr=0.1
+  launch r18_ns_hc $S "${B64[@]}" "${R18[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.3
 elif [ "$PHASE" = paper ]; then
   P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200})
   # the shipped recipes; MobileNetV2 on CIFAR-10 (the archive at hand), FedDST with its own settings

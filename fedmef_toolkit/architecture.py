@@ -91,7 +91,7 @@ class _Checks:
                 "image_size": self.num(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, True), "norm": self.choice(("bn", "nsconv")),
                 "nsconv_stats": self.choice(("active", "all")), "nsconv_unbiased": self.flag,
                 "nsconv_eps": self.num(0.0, 1.0, lo_open=True), "nsconv_alpha": self.num(0.0, 1.0, lo_open=True),
-                "nsconv_center_depthwise": self.flag}
+                "nsconv_center_depthwise": self.flag, "nsconv_center_head": self.flag}
 
 
 def _torchvision_names() -> list[str]:

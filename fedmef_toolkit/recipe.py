@@ -66,6 +66,8 @@ class NSConvSpec:
                                      "variance on its first 256 images and sends the gains (not with model.init)")
     center_depthwise: bool = _f(False, help="centre depthwise filters too (plain NSConv); false: unit-norm depthwise "
                                             "filters on a mean-shifted input, which keep low spatial frequencies")
+    center_head: bool = _f(False, help="the classifier sees its input minus the scaled ReLU's expected mean, "
+                                       "which lets BN-free models take the larger learning rates BN models use")
 
 
 @dataclass

@@ -97,3 +97,26 @@ def test_scaled_relu_input_scale_is_a_free_multiplication():
     assert torch.allclose(xr.grad, RELU_GAIN * 0.5 * (x > 0).float())
     with pytest.raises(ValueError, match="input_scale"):
         ScaledReLU(input_scale=0.0)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet_narrow", "mobilenetv2", "cnn4"])
+def test_center_head_feeds_the_classifier_its_input_minus_the_scaled_relu_mean(arch):
+    """model.nsconv.center_head: logits = W (x - c) + b with c the scaled ReLU's mean, and
+    nothing else changes; BN models and the default keep the plain classifier."""
+    from fedmef_toolkit.models.blocks import SCALED_RELU_MEAN
+
+    torch.manual_seed(0)
+    plain = get_model(arch, 10, norm="nsconv", width=0.25)
+    centred = get_model(arch, 10, norm="nsconv", width=0.25, nsconv_center_head=True)
+    centred.load_state_dict(plain.state_dict())
+    classifier = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)][-1]
+    feats = {}
+    classifier.register_forward_hook(lambda mod, inp, out: feats.update(x=inp[0]))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out_plain, out_centred = plain(x), centred(x)
+        expected = out_plain - classifier.weight.sum(1) * SCALED_RELU_MEAN
+    assert torch.allclose(out_centred, expected, atol=1e-5)
+    assert (out_centred - out_plain).abs().max() > 0.1
+    assert get_model(arch, 10, norm="bn", width=0.25, nsconv_center_head=True).head_shift == 0.0
+    assert plain.head_shift == 0.0 and centred.head_shift == pytest.approx(0.6833, abs=1e-4)

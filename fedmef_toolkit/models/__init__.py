@@ -40,10 +40,11 @@ def list_models() -> list[str]:
 
 def get_model(name: str, num_classes: int = 10, *, norm: str = "bn", width: float = 1.0, image_size: int = 32,
               nsconv_stats: str = "active", nsconv_unbiased: bool = False, nsconv_eps: float = 1e-4,
-              nsconv_alpha: float = DEFAULT_ALPHA, nsconv_center_depthwise: bool = False) -> nn.Module:
+              nsconv_alpha: float = DEFAULT_ALPHA, nsconv_center_depthwise: bool = False, nsconv_center_head: bool = False) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}")
-    policy = NormPolicy(norm, nsconv_stats, nsconv_unbiased, nsconv_eps, nsconv_alpha, nsconv_center_depthwise)
+    policy = NormPolicy(norm, nsconv_stats, nsconv_unbiased, nsconv_eps, nsconv_alpha, nsconv_center_depthwise,
+                        nsconv_center_head)
     return _REGISTRY[name](num_classes=num_classes, width=width, image_size=image_size, policy=policy)
 
 
@@ -53,7 +54,7 @@ def model_kwargs_from_spec(spec, num_classes: int, image_size: int) -> dict:
         "name": spec.arch, "num_classes": num_classes, "norm": spec.norm, "width": spec.width,
         "image_size": image_size, "nsconv_stats": spec.nsconv.stats, "nsconv_unbiased": spec.nsconv.unbiased,
         "nsconv_eps": spec.nsconv.eps, "nsconv_alpha": spec.nsconv.alpha,
-        "nsconv_center_depthwise": spec.nsconv.center_depthwise,
+        "nsconv_center_depthwise": spec.nsconv.center_depthwise, "nsconv_center_head": spec.nsconv.center_head,
     }
 
 

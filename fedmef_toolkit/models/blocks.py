@@ -33,7 +33,7 @@ DEFAULT_ALPHA = 0.2
 
 class NormPolicy:
     def __init__(self, norm: str = "bn", stats: str = "active", unbiased: bool = False, eps: float = 1e-4,
-                 alpha: float = DEFAULT_ALPHA, center_depthwise: bool = False):
+                 alpha: float = DEFAULT_ALPHA, center_depthwise: bool = False, center_head: bool = False):
         if norm not in ("bn", "nsconv"):
             raise ValueError(f"norm must be 'bn' or 'nsconv', got {norm!r}")
         if not 0.0 < alpha <= 1.0:
@@ -42,11 +42,23 @@ class NormPolicy:
         self.alpha = alpha
         self.nsconv_kwargs = {"stats": stats, "unbiased": unbiased, "eps": eps}
         self.center_depthwise = center_depthwise
+        self.center_head = center_head
 
     @property
     def normfree(self) -> bool:
         """BN-free model: pre-activation residual blocks ``h + alpha * f(h / beta)``."""
         return self.norm == "nsconv"
+
+    @property
+    def head_shift(self) -> float:
+        """What the classifier subtracts from its (pooled, scaled-ReLU) input: the ReLU's
+        expected mean when `center_head` is on in a BN-free model, else 0.
+
+        Pooled scaled-ReLU features all have mean ~0.68, so every classifier gradient
+        (p - y) x^T shares one large common-mode component; at learning rates the
+        BN models take (0.1 and up) it throws the logits off within a few steps.
+        BatchNorm's learned shift absorbs it; a fixed shift does the same here."""
+        return SCALED_RELU_MEAN if self.normfree and self.center_head else 0.0
 
     def tracker(self) -> "SignalTracker":
         """Expected-variance bookkeeping for one network (alpha 1 and unused with BN)."""

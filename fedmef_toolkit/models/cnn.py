@@ -21,6 +21,8 @@ class CNN4(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c[3], num_classes)
+        self.head_shift = policy.head_shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        x = torch.flatten(self.pool(self.features(x)), 1)
+        return self.fc(x - self.head_shift if self.head_shift else x)

@@ -64,7 +64,9 @@ class MobileNetV2(nn.Module):
         self.head = nn.Sequential(policy.conv(cin, last, 1), policy.act(relu6=True, input_scale=head_scale))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last, num_classes)
+        self.head_shift = policy.head_shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.features(self.stem(x)))
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        x = torch.flatten(self.pool(x), 1)
+        return self.classifier(x - self.head_shift if self.head_shift else x)

@@ -65,12 +65,14 @@ class ResNet(nn.Module):
         self.final_act = policy.act(input_scale=1.0 / tracker.beta) if policy.normfree else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.head_shift = policy.head_shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_act(self.stem(x))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        return self.fc(torch.flatten(self.pool(self.final_act(x)), 1))
+        x = torch.flatten(self.pool(self.final_act(x)), 1)
+        return self.fc(x - self.head_shift if self.head_shift else x)
 
 
 def _widths(base: tuple[int, ...], width: float) -> tuple[int, ...]:
