@@ -149,7 +149,12 @@ elif [ "$PHASE" = headc ]; then  # centred classifier input (model.nsconv.center
   launch r18_ns_b8_hc_lr1_agc08 $S "${B8[@]}" "${R18[@]}" "${HC[@]}" --set fl.agc=0.08 --set fl.lr=0.1
   launch r18_ns_hc $S "${B64[@]}" "${R18[@]}" "${HC[@]}" "${A16[@]}" --set fl.lr=0.3
 elif [ "$PHASE" = paper ]; then
-  P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200})
+  P=(--set eval.every=10 --set output.checkpoint_every=10 --set fl.rounds=${ROUNDS:-200} --set fl.engine=${ENGINE:-auto})
+  if [ -n "${STATIC:-}" ]; then  # the batch-64 static sparse ResNet18 pair of the headc phase, same call
+    launch r18_bn $S "${B64[@]}" --set model.norm=bn --set fl.lr=0.1
+    launch r18_ns_hc $S "${B64[@]}" "${NS[@]}" "${CAL[@]}" --set model.nsconv.alpha=0.5 \
+      --set model.nsconv.center_head=true "${A16[@]}" --set fl.lr=0.3
+  fi
   # the shipped recipes; MobileNetV2 on CIFAR-10 (the archive at hand), FedDST with its own settings
   launch mef_r18 fedmef_resnet18_cifar10.yaml "${P[@]}"
   launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
