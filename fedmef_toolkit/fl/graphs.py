@@ -1,4 +1,8 @@
-"""Client steps replayed from CUDA graphs.
+"""The forward and backward of the batched engine's stacked model, replayed from CUDA graphs.
+
+Used by the stacked mechanism of the batched engine (fl/batched.py), whose
+optimizer step runs on stacked tensors; the client trainer captures its
+whole step instead (fl/stepgraph.py, which says more about why).
 
 At the batch sizes federated clients use, one training step is bound by the
 CPU launching kernels, not by the GPU running them: NSConv standardises every
@@ -6,8 +10,8 @@ weight in a dozen small kernels per layer, and SAP adds a top-k and bit
 packing per layer input, so a ResNet18 step launches 1,500-2,800 kernels and
 the GPU idles most of the time (measured on an H200: 8 ms of GPU work in a
 29 ms NSConv step). Capturing the model's forward and backward once and
-replaying them removes that launch cost; the loss, the optimizer step and the
-data pipeline stay eager.
+replaying them removes that launch cost; here the loss, the optimizer step
+and the data pipeline stay eager.
 
 A graph bakes in the addresses of every parameter and buffer and every
 Python-side decision taken while it was captured. `GraphedForward` therefore
