@@ -26,19 +26,17 @@ def agc_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
-def _unit_norms(t: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-    """Norm of each output row of a matrix or conv kernel; a vector is one unit. The first
-    `batch_dims` dimensions (stacked clients) are kept apart."""
-    if t.dim() - batch_dims > 1:
-        return t.flatten(batch_dims + 1).norm(dim=-1)
-    return t.flatten(batch_dims).norm(dim=-1, keepdim=True)
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """Norm of each output row of a matrix or conv kernel; a vector is one unit."""
+    if t.dim() > 1:
+        return t.flatten(1).norm(dim=-1)
+    return t.flatten().norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
-def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3, batch_dims: int = 0) -> None:
+def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3) -> None:
     """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps)."""
-    scale = (_unit_norms(w, batch_dims).clamp_min_(eps) * clip
-             / _unit_norms(g, batch_dims).clamp_min_(1e-6)).clamp_max_(1.0)
+    scale = (_unit_norms(w).clamp_min_(eps) * clip / _unit_norms(g).clamp_min_(1e-6)).clamp_max_(1.0)
     g.mul_(scale.view(*scale.shape, *([1] * (g.dim() - scale.dim()))).to(g.dtype))
 
 
