@@ -157,10 +157,6 @@ class LocalTraining:
         step.begin(plan)
         self._batches = trainer.batches(client, gen, trainer.epochs)
 
-    @property
-    def done(self) -> bool:
-        return self.steps >= self.total
-
     def step(self) -> bool:
         """Run the next local step; False (and nothing run) when all are done."""
         batch = next(self._batches, None)
