@@ -1,11 +1,13 @@
-"""Simulator speed per recipe: sequential vs batched engine, fp32 vs bf16, in one process.
+"""Simulator speed per recipe: sequential vs batched engine (clients on CUDA streams,
+fl/streams.py), fp32 vs bf16, in one process.
 
 For each recipe x engine x precision it builds the simulator (paper protocol of
 the shipped recipes unless overridden), runs `--rounds` rounds of training
 (no evaluation, no checkpoints) and prints samples/s over the rounds after the
 first (the first pays for warm-up and CUDA-graph capture), seconds per round,
 the peak GPU memory of those rounds and the engine's status line (clients
-trained at once, CUDA graphs). A table at the end; `--json` writes everything.
+trained at once and why, whole-step CUDA graph replays). The "vs sequential"
+column is what `fl.engine: auto` should follow (fl/engine.py AUTO_ON_CUDA). A table at the end; `--json` writes everything.
 
     # on a GPU (about 5-8 minutes with the defaults; real CIFAR-10 archive or folder):
     python benchmarks/bench_engine.py --data-root /path/to/cifar10 --json bench_engine.json

@@ -17,38 +17,34 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from fedmef_toolkit.fl.client import apply_step_masks, masked_weights
-from fedmef_toolkit.fl.graphs import GraphedForward
+from fedmef_toolkit.fl.plan import ClientPlan
+from fedmef_toolkit.fl.stepgraph import GraphedStep
 from fedmef_toolkit.memory.report import MemoryConfig, measure_config
 
 
 def make_step(cfg: MemoryConfig, batch: int, device, dtype=None, graphs: bool = False, momentum=None):
-    """(step(i), forward): one masked SGD client step on the i-th of four fixed random batches;
-    with `graphs`, forward and backward are replayed from a CUDA graph as the simulator does."""
+    """(step(i), GraphedStep): one masked SGD client step on the i-th of four fixed random
+    batches, as the simulator runs it (fl/stepgraph.py); with `graphs`, the whole step is
+    replayed from a CUDA graph."""
     torch.manual_seed(0)
-    model = cfg.build(10, 32).to(device)
-    forward = GraphedForward(model, batch) if graphs else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum if momentum is None else momentum)
+    model = cfg.build(10, 32).to(device).train()
+    stepper = GraphedStep(model, batch_size=batch, momentum=cfg.momentum if momentum is None else momentum,
+                          weight_decay=0.0, agc=0.0, cuda_graphs=graphs,
+                          autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None,
+                                                          cache_enabled=False))
+    stepper.begin(ClientPlan(0.01))
     xs = torch.randn(4, batch, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (4, batch), device=device)
-    pairs = masked_weights(model)
-    weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
 
     def step(i=0):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
-            loss = F.cross_entropy(forward(xs[i % 4]), ys[i % 4])
-        loss.backward()
-        with torch.no_grad():
-            apply_step_masks(opt, weights, masks)
-    return step, forward
+        stepper.step(xs[i % 4], ys[i % 4], 0.01)
+    return step, stepper
 
 
 def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int, graphs: bool = False) -> float:
     """Training samples/s of the client step (see make_step)."""
-    step, forward = make_step(cfg, batch, device, dtype, graphs)
+    step, stepper = make_step(cfg, batch, device, dtype, graphs)
     for i in range(5):
         step(i)
     if device.type == "cuda":
@@ -58,8 +54,8 @@ def samples_per_s(cfg: MemoryConfig, batch: int, device, dtype, steps: int, grap
         step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    if graphs and forward.refused:
-        raise RuntimeError(f"{cfg.name}: {forward.refused}")
+    if graphs and stepper.refused:
+        raise RuntimeError(f"{cfg.name}: {stepper.refused}")
     return steps * batch / (time.perf_counter() - t0)
 
 

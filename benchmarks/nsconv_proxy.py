@@ -26,12 +26,11 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fedmef_toolkit.data import load_data
 from fedmef_toolkit.data.augment import DeviceAugment
-from fedmef_toolkit.fl.agc import adaptive_clip_, agc_weights
-from fedmef_toolkit.fl.client import apply_step_masks, masked_weights
+from fedmef_toolkit.fl.plan import ClientPlan
+from fedmef_toolkit.fl.stepgraph import GraphedStep
 from fedmef_toolkit.layers import NSConv2d
 from fedmef_toolkit.models import get_model
 from fedmef_toolkit.models.blocks import SCALED_RELU_MEAN
@@ -105,26 +104,19 @@ def main() -> None:
         apply_masks(model)
     if "cal" in args.variant.split("+"):
         calibrate_gains(model, aug.train(tx[:256], torch.Generator(device=dev).manual_seed(1)))
-    pairs = masked_weights(model)
-    weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
-    groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": args.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    clipped = agc_weights(model)
-    clip = (lambda: adaptive_clip_(clipped, args.agc)) if args.agc else None
+    # the simulator's local step (fl/stepgraph.py): masks, AGC, SGD with decay on weights only
+    stepper = GraphedStep(model, batch_size=args.batch, momentum=args.momentum, weight_decay=args.weight_decay,
+                          agc=args.agc, cuda_graphs=False,
+                          autocast=lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16))
+    stepper.begin(ClientPlan(args.lr))
     gen = torch.Generator(device=dev).manual_seed(0)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=args.bf16)
     t0, losses = time.time(), []
     for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * (args.lr_end / args.lr) ** (step / args.steps)
         idx = torch.randint(0, len(ty), (args.batch,), generator=gen, device=dev)
-        with torch.autocast(**amp):
-            loss = F.cross_entropy(model(aug.train(tx[idx], gen)).float(), ty[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            apply_step_masks(opt, weights, masks, clip=clip)
+        before = float(stepper.loss_sum)
+        stepper.step(aug.train(tx[idx], gen), ty[idx], args.lr * (args.lr_end / args.lr) ** (step / args.steps))
+        loss = stepper.loss_sum - before
         losses.append(float(loss))
         if not torch.isfinite(loss):
             break

@@ -4,7 +4,7 @@ For each configuration: wall time per step, GPU busy time per step (sum of
 kernel durations), kernels per step, and the ops with the most CPU and GPU
 time; then micro-benchmarks of the pieces (top-k selection, packing, weight
 standardisation) at ResNet18's layer shapes, and the same step replayed from
-CUDA graphs as the simulator does (fl/graphs.py).
+CUDA graphs as the simulator does (fl/stepgraph.py).
 
     python benchmarks/profile_step.py [--arch resnet18] [--out profile.json]
 """
@@ -60,7 +60,7 @@ def profile_config(cfg: MemoryConfig, batch: int, dev) -> dict:
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
     print(ka.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=50))
-    # the same step with forward/backward replayed from a CUDA graph (fl/graphs.py)
+    # the same step replayed from a CUDA graph (fl/stepgraph.py)
     gstep, _ = make_step(cfg, batch, dev, graphs=True, momentum=0.9)
     out["graph_wall_ms"] = timed(gstep) * 1e3
     print(f"   CUDA graphs: {out['graph_wall_ms']:.2f} ms/step = {batch / out['graph_wall_ms'] * 1e3:.0f} samples/s")

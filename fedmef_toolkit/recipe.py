@@ -108,8 +108,8 @@ class FLSpec:
     agc: float = _f(0.0, lo=0.0, hi=10.0,
                     help="adaptive gradient clipping: each unit's gradient norm <= agc * its weight norm (0: off)")
     engine: str = _f("auto", choices=["auto", "sequential", "batched", "flower"],
-                     help="client training: one after another, or a round's clients together as one computation "
-                          "(batched); auto picks the one measured faster (sequential for now); flower: "
+                     help="client training: one after another, or a round's clients together on one GPU, each on "
+                          "its own CUDA stream (batched); auto picks the one measured faster (sequential for now); flower: "
                           "through Flower's simulation engine (pip install 'fedmef-toolkit[flower]')")
     batched_clients: int = _f(0, lo=0, hi=1_000_000,
                               help="batched engine: most clients trained at once (0: as many as fit in memory)")

@@ -1,4 +1,4 @@
-"""Client steps replayed from CUDA graphs train exactly like eager steps.
+"""Whole client steps replayed from CUDA graphs (fl/stepgraph.py) train exactly like eager steps.
 
 The graph tests need a CUDA GPU: CI has none, so they run on the device
 machine (`python -m pytest tests/test_cuda_graphs.py` there; see
@@ -8,16 +8,21 @@ reported as skipped with that reason, and the CPU fallback test runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from fedmef_toolkit.data.augment import DeviceAugment
 from fedmef_toolkit.fl.client import ClientData, ClientTrainer, client_generator
-from fedmef_toolkit.fl.graphs import GraphedForward
 from fedmef_toolkit.fl.plan import ClientPlan
+from fedmef_toolkit.fl.stepgraph import GraphedStep
+from fedmef_toolkit.fl.strategies.feddst import LocalAdjustPlan
+from fedmef_toolkit.fl.strategies.fedmef import BaEPlan, BaESpec
 from fedmef_toolkit.models import get_model
 from fedmef_toolkit.sap import enable_sap
-from fedmef_toolkit.sparse.masks import attach_masks, get_masks, init_masks
+from fedmef_toolkit.sparse.adjust import smallest_active
+from fedmef_toolkit.sparse.masks import attach_masks, get_masks, init_masks, prunable_modules
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (device machine)")
 
@@ -33,13 +38,13 @@ def _deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def make_trainer(device, graphs: bool, n=44, batch=8, precision="fp32") -> ClientTrainer:
+def make_trainer(device, graphs: bool, n=44, batch=8, precision="fp32", agc=0.0) -> ClientTrainer:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=gen).to(device)
     y = torch.randint(0, 4, (n,), generator=gen).to(device)
     aug = DeviceAugment(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
     return ClientTrainer(x, y, aug, epochs=2, batch_size=batch, momentum=0.9, weight_decay=5e-4,
-                         precision=precision, cuda_graphs=graphs)
+                         precision=precision, cuda_graphs=graphs, agc=agc)
 
 
 def make_model(arch, norm, density, gamma, device):
@@ -70,6 +75,24 @@ def train(trainer, model, plan_cls=ClientPlan):
     return result
 
 
+def cuda_trainer(graphs: bool, **kw) -> ClientTrainer:
+    return make_trainer(torch.device("cuda"), graphs, **kw)
+
+
+def assert_same_states(graphed: dict, eager: dict, eager_again: dict | None = None, tol=None):
+    """Graphed training ends where eager training ends: within float tolerance, or as closely
+    as two eager runs do (cuDNN may pick nondeterministic kernels)."""
+    tol = tol or dict(rtol=1e-4, atol=1e-5)
+    for k, v in eager.items():
+        if not v.is_floating_point():
+            assert torch.equal(graphed[k], v), k
+            continue
+        diff = (graphed[k].float() - v.float()).abs().max().item()
+        noise = 0.0 if eager_again is None else (eager_again[k].float() - v.float()).abs().max().item()
+        if diff > 2 * noise:
+            torch.testing.assert_close(graphed[k], v, **tol, msg=f"{k}: graphed-eager {diff:.3g}, eager-eager {noise:.3g}")
+
+
 @cuda
 @pytest.mark.parametrize("arch,norm,density,gamma,precision", [
     ("cnn4", "bn", 1.0, None, "fp32"),          # BN running statistics in the graph
@@ -79,104 +102,134 @@ def train(trainer, model, plan_cls=ClientPlan):
     ("cnn4", "bn", 1.0, None, "bf16"),
     ("mobilenetv2", "bn", 0.1, 0.9, "bf16"),
 ])
-def test_graphed_training_matches_eager(arch, norm, density, gamma, precision):
-    """Graphed training ends where eager training ends, as closely as two eager runs do
-    (cuDNN may pick nondeterministic kernels) or within float tolerance."""
+@pytest.mark.parametrize("agc", [0.0, 0.16])
+def test_graphed_training_matches_eager(arch, norm, density, gamma, precision, agc):
+    """A client's whole training, every full-batch step replayed from one graph, against eager steps."""
     dev = torch.device("cuda")
     states = []
     for graphs in (False, False, True):
-        trainer = make_trainer(dev, graphs, precision=precision)
+        trainer = cuda_trainer(graphs, precision=precision, agc=agc)
         model = make_model(arch, norm, density, gamma, dev)
         states.append(train(trainer, model).state)
+        step = trainer.stepper
         if graphs:
-            g = trainer.graphed
-            assert g.refused is None, g.refused
+            assert step.refused is None, step.refused
             # 44 samples at batch 8: 5 full batches (replayed) and one of 4 (eager) per epoch
-            assert (g.replays, g.eager_calls) == (10, 2)
+            assert (step.replays, step.eager_steps, step.captures) == (10, 2, 1)
+            assert "10 replayed" in trainer.graph_status()
+        else:
+            assert (step.replays, step.eager_steps) == (0, 12)
     eager, eager_again, graphed = states
-    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
-    for k, v in eager.items():
-        if not v.is_floating_point():
-            assert torch.equal(graphed[k], v), k
-            continue
-        noise = (eager_again[k].float() - v.float()).abs().max().item()
-        diff = (graphed[k].float() - v.float()).abs().max().item()
-        if diff > 2 * noise:
-            torch.testing.assert_close(graphed[k], v, **tol, msg=f"{k}: graphed-eager {diff:.3g}, eager-eager {noise:.3g}")
+    tol = None if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    assert_same_states(graphed, eager, eager_again, tol)
 
 
 @cuda
 @pytest.mark.parametrize("arch,norm,density,gamma", [
-    ("cnn4", "bn", 1.0, None), ("resnet18", "nsconv", 0.1, 0.9), ("mobilenetv2", "bn", 0.1, 0.9),
+    ("cnn4", "bn", 1.0, None), ("resnet_narrow", "nsconv", 0.1, 0.9), ("resnet18", "nsconv", 0.1, 0.5),
     ("mobilenetv2", "nsconv", 0.1, 0.5)])
-def test_graphed_steps_are_bitwise_eager_steps(arch, norm, density, gamma):
-    """Three forward/backward passes (fp32): outputs, gradients and buffers bit for bit."""
+def test_replayed_steps_are_bitwise_eager_steps(arch, norm, density, gamma):
+    """fp32, deterministic cuDNN: after every step, parameters, buffers, momentum and the loss
+    sum of a replayed step equal those of the same step run eagerly, bit for bit."""
     dev = torch.device("cuda")
-    model = make_model(arch, norm, density, gamma, dev)
-    xs = [torch.randn(8, 3, 16, 16, device=dev) for _ in range(3)]
-    y = torch.randint(0, 4, (8,), device=dev)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def run(forward):
-        outs = []
-        for x in xs:
-            model.zero_grad(set_to_none=True)
-            out = forward(x)
-            torch.nn.functional.cross_entropy(out, y).backward()
-            outs.append([out.detach().clone()] + [p.grad.clone() for p in model.parameters()])
-        return outs, {k: v.clone() for k, v in model.state_dict().items()}
-
-    eager = run(model)
-    model.load_state_dict(start)
-    graphed_forward = GraphedForward(model, 8)
-    graphed = run(graphed_forward)
-    assert graphed_forward.replays == 3
-    for i, (step_e, step_g) in enumerate(zip(eager[0], graphed[0])):
-        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(step_e, step_g))
+    models = [make_model(arch, norm, density, gamma, dev).train() for _ in range(2)]
+    steps = [GraphedStep(m, batch_size=8, momentum=0.9, weight_decay=5e-4, agc=0.16, autocast=contextlib.nullcontext,
+                         cuda_graphs=graphs) for m, graphs in zip(models, (False, True))]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for s in steps:
+        s.begin(ClientPlan(0.1))
+    for i, lr in enumerate([0.1, 0.05, 0.2, 0.1]):
+        x, y = torch.randn(8, 3, 16, 16, device=dev, generator=gen), torch.randint(0, 4, (8,), device=dev, generator=gen)
+        for s in steps:
+            s.step(x, y, lr)
+        eager, graphed = ([*m.state_dict().values(), *s.bufs, s.loss_sum] for m, s in zip(models, steps))
+        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(eager, graphed))
         assert worst == 0.0, f"step {i}: largest difference {worst:.3g}"
-    worst = max((eager[1][k].float() - graphed[1][k].float()).abs().max().item() for k in eager[1])
-    assert worst == 0.0, f"state after: largest difference {worst:.3g}"
+    assert steps[1].replays == 4 and steps[1].refused is None
 
 
 @cuda
 def test_in_place_mask_change_is_seen_by_the_graph():
     dev = torch.device("cuda")
-    states = {}
+    states, replays = {}, {}
     for graphs in (False, True):
         model = make_model("cnn4", "nsconv", 0.3, 0.9, dev)
-        states[graphs] = train(make_trainer(dev, graphs), model, SwapMaskPlan).state
-    for k, v in states[False].items():
-        torch.testing.assert_close(states[True][k], v, rtol=1e-4, atol=1e-5)
+        trainer = make_trainer(dev, graphs)
+        states[graphs] = train(trainer, model, SwapMaskPlan).state
+        replays[graphs] = trainer.stepper.replays
+    assert replays == {False: 0, True: 10}
+    assert_same_states(states[True], states[False])
     masks = {k: v for k, v in states[True].items() if k.endswith("weight_mask")}
     for k, m in masks.items():  # pruned entries of the swapped mask stayed exactly zero
         assert not states[True][k[: -len("_mask")]][m == 0].any()
 
 
 @cuda
-def test_replaced_tensor_triggers_a_new_capture_and_hooks_run_eagerly():
+def test_gradient_passes_between_replays_and_bae():
+    """FedDST's growth-gradient pass (eager, through .grad) in the middle of a client, and
+    BaE's penalty with its per-step step size: replayed steps train as eager ones do, and
+    a new round's BaE targets (a new graph key) are captured anew."""
     dev = torch.device("cuda")
+    states, steppers = {}, {}
+    for graphs in (False, True):
+        trainer = make_trainer(dev, graphs)
+        model = make_model("cnn4", "nsconv", 0.3, 0.5, dev)
+        n = trainer.train_x.shape[0]
+        client = ClientData(0, torch.arange(n, device=dev))
+        out = []
+        out.append(trainer.train(model, client, LocalAdjustPlan(0.01, 0.3, False), client_generator(0, 1, 0, dev)))
+        mods = prunable_modules(model)
+        for r in (2, 3):  # two rounds of BaE, each with its own theta_low
+            low = {k: smallest_active(m.weight, m.weight_mask, 4) for k, m in mods.items()}
+            plan = BaEPlan(0.01, None, False, low, BaESpec(lam=0.1, psi=100.0), lr0=0.05, window_offset=0)
+            out.append(trainer.train(model, client, plan, client_generator(0, r, 0, dev)))
+        states[graphs] = [o.state for o in out]
+        steppers[graphs] = trainer.stepper
+    g = steppers[True]
+    assert g.refused is None and g.replays == 30 and g.captures == 3
+    for graphed, eager in zip(states[True], states[False]):
+        assert_same_states(graphed, eager)
+
+
+class SyncingPlan(ClientPlan):
+    """An extra loss that synchronises the host (.item()): a graph cannot contain it."""
+
+    def extra_loss(self, model):
+        w = next(model.parameters())
+        return w.sum() * 0.0 + (1e-3 if w.abs().max().item() > 0 else 0.0)
+
+
+@cuda
+def test_a_host_sync_in_the_step_is_refused_and_steps_run_eagerly():
+    dev = torch.device("cuda")
+    states = {}
+    for graphs in (False, True):
+        trainer = make_trainer(dev, graphs)
+        states[graphs] = train(trainer, make_model("cnn4", "bn", 1.0, None, dev), SyncingPlan).state
+    g = trainer.stepper
+    assert g.refused and "synchronises" in g.refused and g.replays == 0 and g.eager_steps == 12
+    assert "CUDA graphs: off" in trainer.graph_status()
+    assert_same_states(states[True], states[False])  # the refused warm-up left nothing behind
+
+
+@cuda
+def test_replaced_tensor_is_captured_again_at_the_next_client():
+    dev = torch.device("cuda")
+    trainer = make_trainer(dev, True)
     model = make_model("cnn4", "nsconv", 0.3, None, dev)
-    fwd = GraphedForward(model, batch_size=8)
-    x = torch.randn(8, 3, 16, 16, device=dev)
-    fwd(x).sum().backward()
-    first = fwd._graphed
-    assert fwd.replays == 1
+    train(trainer, model)
+    g = trainer.stepper
+    assert (g.replays, g.captures) == (10, 1)
     conv = next(m for m in model.modules() if hasattr(m, "weight_mask"))
-    conv.weight_mask = conv.weight_mask.clone()  # a new tensor: the old graph reads stale memory
-    out = fwd(x)
-    assert fwd._graphed is not first
-    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
-    conv.capture_effective_grad = True  # forward registers Python hooks: never replayed
-    fwd(x)
-    conv.capture_effective_grad = False
-    assert fwd.eager_calls == 1
+    conv.weight_mask = conv.weight_mask.clone()  # a new tensor: the old graph would read stale memory
+    train(trainer, model)
+    assert (g.replays, g.captures) == (20, 2)
 
 
-def test_without_cuda_the_trainer_runs_the_model_itself():
+def test_without_cuda_every_step_runs_eagerly():
     trainer = make_trainer(torch.device("cpu"), graphs=True)
     model = make_model("cnn4", "nsconv", 0.3, 0.5, torch.device("cpu"))
-    assert trainer.forward_for(model) is model
     assert trainer.graph_status() == "CUDA graphs: off"
-    fwd = GraphedForward(model, batch_size=8)
-    out = fwd(torch.randn(8, 3, 16, 16))
-    assert out.shape == (8, 4) and fwd.replays == 0 and fwd.eager_calls == 1
+    train(trainer, model)
+    assert (trainer.stepper.replays, trainer.stepper.eager_steps) == (0, 12)
+    assert trainer.graph_status() == "CUDA graphs: off"

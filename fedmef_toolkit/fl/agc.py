@@ -26,38 +26,41 @@ def agc_weights(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
-def _unit_norms(t: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-    """Norm of each output row of a matrix or conv kernel; a vector is one unit. The first
-    `batch_dims` dimensions (stacked clients) are kept apart."""
-    if t.dim() - batch_dims > 1:
-        return t.flatten(batch_dims + 1).norm(dim=-1)
-    return t.flatten(batch_dims).norm(dim=-1, keepdim=True)
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """Norm of each output row of a matrix or conv kernel; a vector is one unit."""
+    if t.dim() > 1:
+        return t.flatten(1).norm(dim=-1)
+    return t.flatten().norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
-def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3, batch_dims: int = 0) -> None:
+def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3) -> None:
     """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps)."""
-    scale = (_unit_norms(w, batch_dims).clamp_min_(eps) * clip
-             / _unit_norms(g, batch_dims).clamp_min_(1e-6)).clamp_max_(1.0)
+    scale = (_unit_norms(w).clamp_min_(eps) * clip / _unit_norms(g).clamp_min_(1e-6)).clamp_max_(1.0)
     g.mul_(scale.view(*scale.shape, *([1] * (g.dim() - scale.dim()))).to(g.dtype))
 
 
 @torch.no_grad()
-def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) -> None:
-    """Rescale each weight's .grad in place, unit by unit (no host synchronisation).
+def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3,
+                   grads: list[torch.Tensor] | None = None) -> None:
+    """Rescale each weight's gradient in place, unit by unit (no host synchronisation).
+    `grads`: the gradients, one per weight (default: each weight's .grad; a CUDA-graphed step
+    owns its gradients instead, see stepgraph.py).
 
     Vectors (gains, biases: two thirds of an NSConv network's tensors) are one unit each, so
     their norms and scales take a few multi-tensor kernels for all of them at once instead of
-    several kernels each: the clip runs eagerly every step, where launches cost host time."""
+    several kernels each: fewer launches where a step runs eagerly, fewer nodes in a step's CUDA graph."""
+    if grads is None:
+        grads = [w.grad for w in weights]
     vec_w, vec_g, mats = [], [], []
-    for w in weights:
-        if w.grad is None:
+    for w, g in zip(weights, grads):
+        if g is None:
             continue
         if w.dim() > 1:
-            mats.append(w)
+            mats.append((w, g))
         else:
             vec_w.append(w)
-            vec_g.append(w.grad)
+            vec_g.append(g)
     if vec_w:
         w_norms = torch._foreach_norm(vec_w)
         g_norms = torch._foreach_norm(vec_g)
@@ -66,5 +69,5 @@ def adaptive_clip_(weights: list[torch.Tensor], clip: float, eps: float = 1e-3) 
         scales = torch._foreach_div(torch._foreach_mul(w_norms, clip), g_norms)
         torch._foreach_clamp_max_(scales, 1.0)
         torch._foreach_mul_(vec_g, scales)
-    for w in mats:
-        clip_units_(w, w.grad, clip, eps)
+    for w, g in mats:
+        clip_units_(w, g, clip, eps)

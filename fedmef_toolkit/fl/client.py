@@ -10,9 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..sparse.masks import prunable_modules
-from .agc import adaptive_clip_, agc_weights
-from .graphs import GraphedForward
 from .plan import ClientPlan
+from .stepgraph import GraphedStep
 
 
 @dataclass
@@ -50,7 +49,7 @@ class ClientTrainer:
         self.momentum, self.weight_decay = momentum, weight_decay
         self.precision = precision
         self.cuda_graphs = cuda_graphs and train_x.is_cuda
-        self.graphed: GraphedForward | None = None
+        self.stepper: GraphedStep | None = None
 
     def autocast(self):
         dev = self.train_x.device.type
@@ -60,22 +59,24 @@ class ClientTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def forward_for(self, model: nn.Module):
-        """The training forward: replayed from a CUDA graph where it can be (see graphs.py)."""
-        if not self.cuda_graphs:
-            return model
-        if self.graphed is None or self.graphed.model is not model:
-            self.graphed = GraphedForward(model, self.batch_size)
-        return self.graphed
+    def step_for(self, model: nn.Module) -> GraphedStep:
+        """The local step on `model` (one per model, kept across clients: its CUDA graph is
+        replayed as long as the model's tensors stay where they are; see stepgraph.py)."""
+        if self.stepper is None or self.stepper.model is not model:
+            self.stepper = self.new_step(model)
+        return self.stepper
+
+    def new_step(self, model: nn.Module, stream: torch.cuda.Stream | None = None) -> GraphedStep:
+        """A GraphedStep for `model` with this trainer's optimiser settings; `stream`: the
+        CUDA stream it is captured on (None: a private one)."""
+        return GraphedStep(model, batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
+                           agc=self.agc, autocast=self.autocast, cuda_graphs=self.cuda_graphs, stream=stream)
 
     def graph_status(self) -> str:
         """One line for the run log: whether client steps were replayed from CUDA graphs."""
-        g = self.graphed
-        if not self.cuda_graphs or g is None:
-            return "CUDA graphs: off"
-        if g.refused:
-            return f"CUDA graphs: off ({g.refused})"
-        return f"CUDA graphs: on ({g.replays} steps replayed, {g.eager_calls} eager: short batches, gradient passes)"
+        if self.stepper is None:
+            return "CUDA graphs: on" if self.cuda_graphs else "CUDA graphs: off"
+        return self.stepper.status()
 
     def steps_per_epoch(self, n: int) -> int:
         # A trailing batch of one sample is dropped: BatchNorm cannot train on it.
@@ -93,47 +94,16 @@ class ClientTrainer:
                 idx = client.indices[order[s * self.batch_size:(s + 1) * self.batch_size]]
                 yield self.augment.train(self.train_x[idx], gen), self.train_y[idx]
 
-    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.SGD:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            (decay if p.dim() > 1 else no_decay).append(p)  # no decay on biases, gains, norm params
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.SGD(groups, lr=lr, momentum=self.momentum)
+    def start(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator,
+              step: GraphedStep | None = None) -> LocalTraining:
+        """One client's local training, to be run one step at a time (`train` runs it all)."""
+        return LocalTraining(self, model, client, plan, gen, step or self.step_for(model))
 
     def train(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator) -> ClientResult:
-        model.train()
-        forward = self.forward_for(model)
-        opt = self._optimizer(model, plan.lr)
-        # Mask buffers are only ever changed in place (plans copy_ into them), so the
-        # (weight, mask) pairs can be collected once per client.
-        pairs = masked_weights(model)
-        weights, masks = [w for w, _ in pairs], [m for _, m in pairs]
-        clipped = agc_weights(model) if self.agc > 0 else None
-        total = self.total_steps(client.num_samples)
-        plan.begin(model, total)
-        loss_sum = torch.zeros((), device=self.train_x.device)
-        step = 0
-        for x, y in self.batches(client, gen, self.epochs):
-            if forward is not model:
-                forward.capture_allowed = step == 0
-            plan.at_step(step, model, self, client, gen)
-            lr = plan.step_lr(step, model)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with self.autocast():
-                loss = F.cross_entropy(forward(x), y)
-            extra = plan.extra_loss(model)
-            total_loss = loss if extra is None else loss + extra
-            opt.zero_grad(set_to_none=True)
-            total_loss.backward()
-            with torch.no_grad():
-                apply_step_masks(opt, weights, masks, clip=None if clipped is None else
-                                 lambda: adaptive_clip_(clipped, self.agc))
-            loss_sum += loss.detach().float()
-            step += 1
-        upload = plan.finish(model, self, client, gen)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientResult(client.cid, client.num_samples, state, float(loss_sum) / max(1, step), step, upload, plan.logs)
+        run = self.start(model, client, plan, gen)
+        while run.step():
+            pass
+        return run.finish()
 
     def effective_weight_grads(self, model: nn.Module, client: ClientData, gen: torch.Generator,
                                full: bool) -> dict[str, torch.Tensor]:
@@ -169,34 +139,41 @@ class ClientTrainer:
         return grads
 
 
-def apply_step_masks(opt: torch.optim.Optimizer, weights: list, masks: list, clip=None) -> None:
-    """One optimizer step that leaves pruned entries, their gradient and momentum at 0.
-    Grouped (foreach) ops: two or three kernel launches instead of one per layer.
-    `clip` (e.g. adaptive gradient clipping) runs on the masked gradients, before the step."""
-    if not weights:
-        if clip is not None:
-            clip()
-        opt.step()
-        return
-    grads = [w.grad for w in weights]
-    if all(g is not None for g in grads):
-        torch._foreach_mul_(grads, masks)
-    else:
-        for g, m in zip(grads, masks):
-            if g is not None:
-                g.mul_(m)
-    if clip is not None:
-        clip()
-    opt.step()
-    torch._foreach_mul_(weights, masks)
-    bufs = [opt.state.get(w, {}).get("momentum_buffer") for w in weights]
-    if all(b is not None for b in bufs):  # a mask changed mid-training leaves momentum behind
-        torch._foreach_mul_(bufs, masks)
+class LocalTraining:
+    """E local epochs of one client, one step per `step()` call, then `finish()`.
 
+    Each step draws the batch (and its augmentation) from the client's generator, runs the
+    plan's `at_step` and `step_lr` hooks, then the whole SGD step (`GraphedStep`: replayed
+    from a CUDA graph where it can be). Split into steps so that an engine can interleave
+    several clients (fl/streams.py); `ClientTrainer.train` runs them back to back."""
 
-def masked_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(m.weight, m.weight_mask) for m in prunable_modules(model).values()
-            if getattr(m, "weight_mask", None) is not None]
+    def __init__(self, trainer: ClientTrainer, model: nn.Module, client: ClientData, plan: ClientPlan,
+                 gen: torch.Generator, step: GraphedStep):
+        self.trainer, self.model, self.client, self.plan, self.gen, self.stepper = trainer, model, client, plan, gen, step
+        self.total = trainer.total_steps(client.num_samples)
+        self.steps = 0
+        model.train()
+        plan.begin(model, self.total)
+        step.begin(plan)
+        self._batches = trainer.batches(client, gen, trainer.epochs)
+
+    def step(self) -> bool:
+        """Run the next local step; False (and nothing run) when all are done."""
+        batch = next(self._batches, None)
+        if batch is None:
+            return False
+        x, y = batch
+        self.plan.at_step(self.steps, self.model, self.trainer, self.client, self.gen)
+        self.stepper.step(x, y, self.plan.step_lr(self.steps, self.model))
+        self.steps += 1
+        return True
+
+    def finish(self) -> ClientResult:
+        """The plan's upload and the client's trained state (call when done)."""
+        upload = self.plan.finish(self.model, self.trainer, self.client, self.gen)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        loss = float(self.stepper.loss_sum) / max(1, self.steps)
+        return ClientResult(self.client.cid, self.client.num_samples, state, loss, self.steps, upload, self.plan.logs)
 
 
 def client_generator(seed: int, round_idx: int, cid: int, device: torch.device) -> torch.Generator:

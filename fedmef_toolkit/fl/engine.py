@@ -2,8 +2,9 @@
 
 `SequentialEngine` trains the sampled clients one after another on a single
 worker copy of the model, in this process (the embedded default on the CPU).
-`BatchedEngine` (batched.py) trains them together as one computation per
-step, which is what a GPU needs at federated batch sizes. `FlowerEngine`
+`StreamsEngine` (streams.py, `fl.engine: batched`) trains several together on
+one GPU, each on its own worker copy and CUDA stream, which is what a GPU
+needs at federated batch sizes. `FlowerEngine`
 (fedmef_toolkit/flower) sends them to Flower SuperNodes. `select_engine`
 resolves `fl.engine` (auto, sequential, batched, flower) and says why.
 """
@@ -15,9 +16,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from .batched import BatchedEngine
 from .client import ClientData, ClientResult, ClientTrainer, client_generator
+from .streams import StreamsEngine
 
 
 class SequentialEngine:
@@ -42,26 +42,25 @@ class SequentialEngine:
         return "sequential engine; " + self.trainer.graph_status()
 
 
-ENGINES = {"sequential": SequentialEngine, "batched": BatchedEngine}
+ENGINES = {"sequential": SequentialEngine, "batched": StreamsEngine}
+
+#: what `fl.engine: auto` picks on a GPU. Sequential until GPU measurements (benchmarks/bench_engine.py)
+#: show the batched engine faster; then "batched" here is the whole change.
+AUTO_ON_CUDA = "sequential"
 
 
 def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tuple[str, str]:
-    """(engine name, why) for `fl.engine`. auto picks the engine measured faster: today that
-    is the sequential one on the CPU (two cores) and on an H200 too (the batched engine ran at
-    0.66-0.79x; docs/benchmarks.md), so auto is sequential until a faster batched step lands.
-    `example`: a normalised input batch on the device."""
+    """(engine name, why) for `fl.engine`. auto picks the engine measured faster: the sequential
+    one on the CPU (no streams there: the batched engine runs its clients one after another) and
+    AUTO_ON_CUDA on a GPU. `example`: a normalised input batch on the device."""
     if requested == "sequential":
         return "sequential", "fl.engine: sequential"
     if requested == "flower":
         return "flower", "fl.engine: flower (clients run as Flower ClientApps)"
     if requested == "auto":
-        where = "on the CPU" if example.device.type != "cuda" else "(the batched engine measured slower on GPUs)"
-        return "sequential", f"fl.engine auto: sequential {where}"
-    from .stacked import stacking_problem
-
-    problem = stacking_problem(model, example)
-    if problem:
-        raise UserError(f"fl.engine: batched cannot train this model: {problem}; use auto or sequential")
+        if example.device.type != "cuda":
+            return "sequential", "fl.engine auto: sequential on the CPU"
+        return AUTO_ON_CUDA, f"fl.engine auto: {AUTO_ON_CUDA} on a GPU (measured; docs/benchmarks.md)"
     return "batched", "fl.engine: batched"
 
 
@@ -74,5 +73,5 @@ def build_engine(name: str, trainer: ClientTrainer, seed: int, max_clients: int 
         require_flower()
         return FlowerEngine(recipe, arch_desc, seed)
     if name == "batched":
-        return BatchedEngine(trainer, seed, max_clients)
+        return StreamsEngine(trainer, seed, max_clients)
     return SequentialEngine(trainer, seed)

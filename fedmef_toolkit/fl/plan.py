@@ -19,8 +19,18 @@ class ClientPlan:
         """Called once before the first local step."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """A term added to the task loss at every step (e.g. BaE's penalty)."""
+        """A term added to the task loss at every step (e.g. BaE's penalty). It is part of the
+        local step that is captured in a CUDA graph (fl/stepgraph.py): it must compute the same
+        thing at every step of a client from tensors whose values may change in place, and
+        every tensor it reads other than the model's parameters and buffers, and every
+        Python value it bakes in, must be described by `graph_key`."""
         return None
+
+    def graph_key(self) -> tuple:
+        """A hashable of what `extra_loss` depends on besides the model (data_ptrs of the
+        tensors it reads, constants it bakes in): a CUDA graph of the step is replayed only
+        while this is unchanged, and captured again otherwise. () when there is no extra loss."""
+        return ()
 
     def at_step(self, step: int, model: nn.Module, trainer, client, gen) -> None:
         """Called before local step `step` (e.g. FedDST's mid-training mask change)."""

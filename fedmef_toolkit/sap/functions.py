@@ -23,29 +23,17 @@ from .packing import keep_count, pack_activation, pack_bits, unpack_activation, 
 class SAPConfig:
     gamma: float = 0.5
     per_sample: bool = True
-    # Clients stacked along the channels (the batched engine, fl/stacked.py): channels
-    # [c*C, (c+1)*C) of every sample belong to client c, and each client selects on its own.
-    clients: int = 1
 
 
 def selection_rows(x: torch.Tensor, cfg: SAPConfig) -> torch.Tensor:
     """x as a matrix whose rows select their top entries independently: one per sample
-    (per_sample) or one for the whole tensor; with stacked clients, one per (sample, client)
-    or one per client (a copy: a client's entries are strided across the samples)."""
-    b, k = x.shape[0], cfg.clients
-    if cfg.per_sample:
-        return x.reshape(b * k, -1)
-    if k == 1:
-        return x.reshape(1, -1)
-    return x.reshape(b, k, -1).transpose(0, 1).reshape(k, -1)
+    (per_sample) or one for the whole tensor."""
+    return x.reshape(x.shape[0] if cfg.per_sample else 1, -1)
 
 
 def from_selection_rows(rows: torch.Tensor, shape, cfg: SAPConfig) -> torch.Tensor:
     """Inverse of selection_rows."""
-    k = cfg.clients
-    if cfg.per_sample or k == 1:
-        return rows.reshape(shape)
-    return rows.reshape(k, shape[0], -1).transpose(0, 1).reshape(shape)
+    return rows.reshape(shape)
 
 
 def autocast_dtype(dev: str):

@@ -90,6 +90,9 @@ class BaEPlan(GrowthPlan):
         sq = masked_sq_norm(self.pairs)
         return self.bae.lam * (sq if self.bae.penalty == "l2sq" else torch.sqrt(sq + 1e-24))
 
+    def graph_key(self):
+        return (self.bae.lam, self.bae.penalty, tuple((m.data_ptr(), m.shape) for _, m in self.pairs))
+
     def step_lr(self, step, model):
         with torch.no_grad():
             norm = float(self.low_norm(self.bae.sigmoid_norm))  # one sync per step, extrusion rounds only

@@ -1,0 +1,272 @@
+"""Whole client steps (forward to SGD update) replayed from one CUDA graph.
+
+At the batch sizes federated clients use, a training step is bound by the
+CPU launching kernels, not by the GPU running them. Replaying only the
+model's forward and backward from a graph (graphs.py) left the rest of the
+step eager: the loss, BaE's penalty, masking the gradients, adaptive
+gradient clipping (about six kernels per weight), the two-group SGD update
+and re-masking. On an H200 that held the FedMef recipe at 3,500 samples/s
+while its graphed forward and backward alone ran at 14,000.
+
+`GraphedStep` therefore captures one complete local step as one graph:
+
+    forward (under the trainer's autocast) -> cross-entropy (+ the plan's
+    extra loss) -> gradients (torch.autograd.grad) -> gradient masks -> AGC
+    -> weight decay (dim > 1 only) -> momentum -> update with the step's
+    learning rate -> weight and momentum masks -> running loss sum.
+
+The same Python function (`GraphedStep._step`) is what the graph records and
+what runs eagerly, on every device: the CPU (tests) and CUDA steps that
+cannot replay run exactly the captured code. What changes from step to step
+lives in tensors the graph reads, so it needs no new capture:
+
+* the batch: copied into static input buffers (augmentation stays eager: it
+  draws from the client's own torch.Generator);
+* the learning rate: a 0-dim tensor filled before each step (a kernel, no
+  host sync), so BaE's per-step step size replays too;
+* "first step of the client": momentum is buf = started * m * buf + grad,
+  with `started` a tensor that is 0 at a client's first step and 1 after,
+  which is torch.optim.SGD's buf = grad at the first step, m * buf + grad later;
+* masks changed in place (FedDST's mid-training change) and BaE's targets.
+
+The gradients are the graph's own (returned by torch.autograd.grad, never
+written to .grad): eager passes between steps that use .grad, such as the
+growth-gradient pass (`ClientTrainer.effective_weight_grads`), cannot
+overwrite them, so steps after such a pass replay as before.
+
+A graph bakes in tensor addresses and Python-side decisions. It is replayed
+only when these are what they were at capture, else the step runs eagerly:
+
+* the batch shape and dtype and the autocast dtype (a client's short last
+  batch runs eagerly);
+* the data_ptrs of every parameter and buffer, and the plan's extra loss
+  (its function and `ClientPlan.graph_key()`: e.g. BaE's target masks,
+  created per round). When these change the graph is dropped and captured
+  again at the next client's first step: only there is no autograd graph of
+  an earlier step alive.
+
+Before capturing, the step runs once eagerly with CUDA's sync debugging set
+to "error" (and SAP's sync-free packing, as during capture): a step that
+synchronises the host, which a graph cannot contain, stays eager with the
+reason logged instead of breaking a capture midway. That warm-up is a real
+SGD step, so parameters, buffers (BatchNorm statistics), momentum, the
+first-step flag and the loss sum are saved before it and restored after:
+the step it stood in for is then replayed from the graph, and training is
+exactly what eager training gives.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..sap.functions import autocast_dtype
+from ..sap.packing import sync_free_packing
+from ..sparse.masks import prunable_modules
+from .agc import adaptive_clip_, agc_weights
+from .plan import ClientPlan
+
+log = logging.getLogger(__name__)
+
+
+def masked_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, mask) of every prunable layer that has a mask."""
+    return [(m.weight, m.weight_mask) for m in prunable_modules(model).values()
+            if getattr(m, "weight_mask", None) is not None]
+
+
+class GraphedStep:
+    """One client's local SGD step on `model`: replayed from a CUDA graph where it can be,
+    run eagerly (the same function) otherwise. See the module docstring.
+
+    Per client: `begin(plan)`, then `step(x, y, lr)` per batch; `loss_sum` holds the sum of
+    the task losses. Momentum buffers are state of this object (torch.optim.SGD semantics:
+    dampening 0, no Nesterov, weight decay on tensors of dim > 1 only)."""
+
+    def __init__(self, model: nn.Module, *, batch_size: int, momentum: float, weight_decay: float, agc: float,
+                 autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None):
+        self.model = model
+        self.batch_size = batch_size
+        self.momentum, self.weight_decay, self.agc = momentum, weight_decay, agc
+        self.autocast = autocast  # () -> context manager: the trainer's autocast
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.stream = stream  # where the graph is captured (None: a private side stream)
+        self.plan = ClientPlan(0.0)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.refused: str | None = None  # why steps run eagerly, once decided
+        self.replays = self.eager_steps = self.captures = 0
+        self._bound_key = None
+        self._params: tuple = ()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key = None
+        self._first_step = True
+
+    # -- per client ---------------------------------------------------------------
+    def begin(self, plan: ClientPlan) -> None:
+        """A new client: its plan, zero momentum with first-step semantics, loss sum 0.
+        Call after `plan.begin` (which may create the tensors its extra loss reads)."""
+        self.plan = plan
+        self._first_step = True
+        self._bind()
+        with torch.no_grad():
+            self.loss_sum.zero_()
+            self.started.zero_()
+            if self.bufs:
+                torch._foreach_zero_(self.bufs)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One local step on batch (x, y) at learning rate `lr`."""
+        first, self._first_step = self._first_step, False
+        self._bind()
+        self.lr.fill_(lr)
+        if self._replayable(x, y, first):
+            self._static_x.copy_(x)
+            self._static_y.copy_(y)
+            self._graph.replay()
+            self.replays += 1
+        else:
+            self._step(x, y)
+            self.eager_steps += 1
+
+    # -- the step: captured, or run eagerly ------------------------------------------------
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.autocast():
+            loss = F.cross_entropy(self.model(x), y)
+        extra = self.plan.extra_loss(self.model)
+        total = loss if extra is None else loss + extra
+        grads = torch.autograd.grad(total, self.params, allow_unused=True)
+        with torch.no_grad():
+            self._update(list(grads))
+            self.loss_sum.add_(loss.detach().float())
+            self.started.fill_(1.0)
+
+    def _update(self, grads: list[torch.Tensor | None]) -> None:
+        """Masked gradients, AGC on them, then torch.optim.SGD's update with the lr tensor,
+        then masked weights and momentum. A parameter without a gradient is left alone, as
+        torch.optim.SGD leaves it (which parameters get one is a property of the model)."""
+        params = self.params
+        masked = [(i, m) for i, m in zip(self._masked, self.masks) if grads[i] is not None]
+        if masked:
+            torch._foreach_mul_([grads[i] for i, _ in masked], [m for _, m in masked])
+        clipped = [i for i in self._clipped if grads[i] is not None]
+        if clipped:
+            adaptive_clip_([params[i] for i in clipped], self.agc, grads=[grads[i] for i in clipped])
+        decay = [i for i in self._decay if grads[i] is not None]
+        if self.weight_decay and decay:
+            torch._foreach_add_([grads[i] for i in decay], [params[i] for i in decay], alpha=self.weight_decay)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if self.momentum:
+            bufs = [self.bufs[i] for i in used]
+            torch._foreach_mul_(bufs, self.started * self.momentum)  # 0 at the first step: buf = grad
+            torch._foreach_add_(bufs, [grads[i] for i in used])
+            steps = bufs
+        else:
+            steps = [grads[i] for i in used]
+        torch._foreach_sub_([params[i] for i in used], torch._foreach_mul(steps, self.lr))
+        if masked:
+            masks = [m for _, m in masked]
+            torch._foreach_mul_([params[i] for i, _ in masked], masks)
+            if self.momentum:
+                torch._foreach_mul_([self.bufs[i] for i, _ in masked], masks)
+
+    # -- what the step reads ------------------------------------------------------------
+    def _binding_key(self) -> tuple:
+        return (tuple(t.data_ptr() for t in self.model.parameters()),
+                tuple(t.data_ptr() for t in self.model.buffers()),
+                type(self.plan).extra_loss, self.plan.graph_key())
+
+    def _bind(self) -> None:
+        """(Re)collect the tensors the step works on when any of them changed; a graph that
+        read the old ones is dropped."""
+        key = self._binding_key()
+        if key == self._bound_key:
+            return
+        self._graph = self._graph_key = None
+        params = tuple(p for p in self.model.parameters() if p.requires_grad)
+        if tuple(map(id, params)) != tuple(map(id, self._params)):
+            dtype = params[0].dtype
+            self.lr = torch.zeros((), device=self.device, dtype=dtype)  # the step's learning rate
+            self.started = torch.zeros((), device=self.device, dtype=dtype)  # 0: a client's first step
+            self.bufs = [torch.zeros_like(p) for p in params] if self.momentum else []
+        self.params = self._params = params
+        index = {id(p): i for i, p in enumerate(params)}
+        self._decay = [i for i, p in enumerate(params) if p.dim() > 1]
+        pairs = [(w, m) for w, m in masked_weights(self.model) if id(w) in index]
+        self._masked = [index[id(w)] for w, _ in pairs]
+        self.masks = [m for _, m in pairs]
+        self._clipped = [index[id(p)] for p in agc_weights(self.model) if id(p) in index] if self.agc > 0 else []
+        self._bound_key = key
+
+    # -- replay and capture ----------------------------------------------------------------
+    def _replayable(self, x: torch.Tensor, y: torch.Tensor, first: bool) -> bool:
+        if not self.cuda_graphs or self.refused is not None or x.shape[0] != self.batch_size:
+            return False
+        with self.autocast():
+            dtype = autocast_dtype(self.device.type)
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, dtype)
+        if self._graph is None or key != self._graph_key:
+            if not first:  # only a client's first step has no earlier autograd graph alive
+                return False
+            self._capture(x, y, key)
+        return self._graph is not None
+
+    def _state(self) -> list[torch.Tensor]:
+        """Everything a step changes."""
+        return [*self.model.parameters(), *self.model.buffers(), *self.bufs, self.started, self.loss_sum]
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
+        self._graph = None  # frees the old graph's memory pool before capturing anew
+        self._static_x, self._static_y = x.detach().clone(), y.detach().clone()
+        saved = [t.detach().clone() for t in self._state()]
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        ambient = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(ambient)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(self.stream):
+                reason = self._host_sync_in_step()
+                if reason is None:
+                    try:
+                        with sync_free_packing(), torch.cuda.graph(graph, stream=self.stream):
+                            self._step(self._static_x, self._static_y)
+                    except (RuntimeError, AssertionError) as e:
+                        reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        finally:
+            ambient.wait_stream(self.stream)
+            with torch.no_grad():  # the warm-up step must leave nothing behind
+                for t, s in zip(self._state(), saved):
+                    t.copy_(s)
+        if reason is not None:
+            self.refused = reason
+            log.warning("CUDA graphs off for this run: %s", reason)
+            return
+        self._graph, self._graph_key = graph, key
+        self.captures += 1
+
+    def _host_sync_in_step(self) -> str | None:
+        """Run the step once eagerly with host syncs turned into errors."""
+        torch.cuda.synchronize(self.device)
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            with sync_free_packing():
+                torch.cuda.set_sync_debug_mode("error")
+                self._step(self._static_x, self._static_y)
+        except RuntimeError as e:
+            return f"the step synchronises with the host ({str(e).splitlines()[0][:120]})"
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return None
+
+    def status(self) -> str:
+        """One line for the run log."""
+        if not self.cuda_graphs:
+            return "CUDA graphs: off"
+        if self.refused:
+            return f"CUDA graphs: off ({self.refused})"
+        return (f"CUDA graphs: on (whole steps: {self.replays} replayed, {self.eager_steps} eager: short batches; "
+                f"{self.captures} captures)")
