@@ -455,7 +455,8 @@ def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool =
 
 #: keys added after runs were first saved, with the value that reproduces what such a run did
 #: (its model, its engine); a saved recipe.yaml always holds every key of its own version
-SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "fl.batched_clients": 0, "fl.flower": {}}
+SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "model.nsconv.center_head": False,
+                      "fl.batched_clients": 0, "fl.flower": {}}
 
 
 def load_saved_recipe(path: str, overrides: list[str] | None = None,

@@ -202,8 +202,9 @@ def test_fault_hook_kills_at_every_kind_of_write_and_resume_matches(tmp_path):
 
 def test_a_run_saved_before_newer_recipe_keys_resumes_as_it_trained(tmp_path):
     """A recipe.yaml written by an older version lacks keys added since (here
-    model.nsconv.center_depthwise and fl.batched_clients): resume fills them with the values
-    that reproduce that run (centred depthwise filters) and accepts its checkpoint's digest."""
+    model.nsconv.center_depthwise, model.nsconv.center_head and fl.batched_clients): resume fills
+    them with the values that reproduce that run (centred depthwise filters, plain classifier
+    input) and accepts its checkpoint's digest."""
     from fedmef_toolkit.fl.checkpoint import load_checkpoint
     from fedmef_toolkit.recipe import load_saved_recipe
 
@@ -211,11 +212,12 @@ def test_a_run_saved_before_newer_recipe_keys_resumes_as_it_trained(tmp_path):
     assert subprocess.run(CLI + ["--recipe", str(path)], capture_output=True).returncode == 0
     run = tmp_path / "runs" / "old"
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
-    del saved["model"]["nsconv"]["center_depthwise"], saved["fl"]["batched_clients"]
+    del saved["model"]["nsconv"]["center_depthwise"], saved["model"]["nsconv"]["center_head"]
+    del saved["fl"]["batched_clients"]
     (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
     recipe, legacy = load_saved_recipe(str(run / "recipe.yaml"))
-    assert set(legacy) == {"model.nsconv.center_depthwise", "fl.batched_clients"}
-    assert recipe.model.nsconv.center_depthwise is True
+    assert set(legacy) == {"model.nsconv.center_depthwise", "model.nsconv.center_head", "fl.batched_clients"}
+    assert recipe.model.nsconv.center_depthwise is True and recipe.model.nsconv.center_head is False
     # the checkpoint as the older version wrote it: its digest over the keys it knew
     model_state, strat, state = load_checkpoint(run)
     state["recipe_digest"] = recipe.digest(without=legacy)

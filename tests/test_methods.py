@@ -44,13 +44,14 @@ def test_registry_drives_recipe_choices_and_sections():
 
 def test_digests_of_existing_recipes_unchanged_and_other_sections_ignored():
     # digests computed before the registry existed (issue 13): resuming old runs still works.
-    # Those runs' saved recipes lack fl.flower (added later), which resume leaves out of the
-    # digest (`load_saved_recipe`), as here
-    old = ("fl.flower",)
+    # Those runs' saved recipes lack fl.flower and model.nsconv.center_head (added later), which
+    # resume leaves out of the digest (`load_saved_recipe`), as here
+    old = ("fl.flower", "model.nsconv.center_head")
     assert load_recipe("quickstart.yaml").digest(without=old) == "336c1c474782b381"
     over = ["data.root=null", "data.dataset=synthetic"]
     assert load_recipe("feddst_resnet18_cifar10.yaml", over).digest(without=old) == "5336e309576dcdd4"
-    assert load_recipe("fedmef_mobilenetv2_cinic10.yaml", over).digest(without=old) == "9a607262d7a663ed"
+    then = ["model.nsconv.calibrate=false", "fl.lr=0.01", "fl.agc=0.0", "fl.momentum=0.9"]  # its settings then
+    assert load_recipe("fedmef_mobilenetv2_cinic10.yaml", over + then).digest(without=old) == "9a607262d7a663ed"
     base = load_recipe("quickstart.yaml", ["method.name=fedmef"]).digest()
     assert load_recipe("quickstart.yaml", ["method.name=fedmef", "method.fedtiny.candidates=2"]).digest() == base
     tiny = load_recipe("quickstart.yaml", ["method.name=fedtiny"]).digest()
@@ -247,3 +248,20 @@ def test_memory_report_measures_prunefl_and_fedtiny_at_their_target_density():
         subject, ref = report["configurations"]
         assert abs(subject["density"] - 0.2) < 0.01 and abs(ref["density"] - 0.2) < 0.01, name
         assert subject["analytic"]["weights"] < 0.5 * (subject["parameters"] * 4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CPU-saved theta_low meets a CUDA model only on a GPU")
+def test_fedmef_resumed_mid_window_on_cuda_uses_theta_low_on_the_model_device(tmp_path):
+    """A checkpoint written between computing theta_low and the adjustment round holds theta_low;
+    read back (on the CPU) into a run on CUDA, the adjustment round must still work."""
+    over = {"method.name": "fedmef", "model.norm": "nsconv", "device": "cuda",
+            "method.sparsity.delta_t": 2, "method.sparsity.t_end": 4, "method.bae.rounds": 2}
+    sim = Simulator(recipe_from_dict(small_recipe(tmp_path, **over)), tmp_path / "r", show_progress=False)
+    sim.strategy.begin_round(1, sim.model)  # the window of adjustment round 2 starts: theta_low computed
+    saved = {k: v.cpu() for k, v in sim.strategy.state_tensors().items()}
+    assert any(k.startswith("low.") for k in saved)
+    fresh = build_strategy(sim.recipe)
+    fresh.load_state_tensors(saved)
+    fresh.begin_round(2, sim.model)
+    assert fresh.low and all(m.is_cuda for m in fresh.low.values())
+    assert all(keep.is_cuda for _, keep in fresh.request.values())

@@ -81,7 +81,7 @@ def assert_same_updates(seq, streams, tol=0.0):
 
 def test_fedavg_bn(tmp_path):
     seq, streams, _, engine = both_engines(simulator(tmp_path), 1)
-    assert engine.capacity == 3 and len(engine.workers) == 3  # every client of the round at once
+    assert len(engine.workers) == 3  # every client of the round at once (CPU limit: 4)
     assert_same_updates(seq, streams)
 
 
@@ -129,7 +129,7 @@ def test_whole_runs_match_sequential(tmp_path):
 # -- engine selection and capacity ----------------------------------------------------
 
 
-def test_auto_is_sequential_and_batched_takes_any_model(tmp_path):
+def test_auto_is_sequential_and_batched_is_the_streams_engine(tmp_path):
     sim = simulator(tmp_path)
     x = sim.augment.normalize(sim.train_x[:2])
     assert select_engine("auto", sim.model, x)[0] == "sequential"
@@ -150,10 +150,26 @@ def test_recipe_engine_keys():
 
 def test_clients_at_once(tmp_path):
     sim = simulator(tmp_path)
-    k, reason = clients_at_once(sim.trainer, sim.model, 100, 0)
+    k, reason = clients_at_once(sim.trainer, sim.model, 0)
     assert 1 <= k <= 4 and "CPU" in reason
-    assert clients_at_once(sim.trainer, sim.model, 5, 2) == (2, "fl.batched_clients")
-    assert clients_at_once(sim.trainer, sim.model, 1, 2)[0] == 1
+    assert clients_at_once(sim.trainer, sim.model, 2) == (2, "fl.batched_clients")
+
+
+def test_the_client_limit_is_per_model_not_per_round(tmp_path):
+    """A one-client round (PruneFL's preparation trains one client first) must not fix the
+    number of workers for the rest of the run; a different model gets new workers."""
+    sim = simulator(tmp_path, **{"fl.clients_per_round": 3})
+    engine = StreamsEngine(sim.trainer, sim.recipe.seed, max_clients=3)
+    plan = lambda: sim.strategy.client_plan(1, 0.1, sim.model)  # noqa: E731
+    clients = [ClientData(c, sim.client_indices[c]) for c in sim.sample_clients(1)]
+    assert len(engine.run_round(1, sim.model, clients[:1], plan)) == 1
+    assert len(engine.workers) == 1
+    assert len(engine.run_round(2, sim.model, clients, plan)) == 3
+    assert len(engine.workers) == 3 and "3 clients at once" in engine.status()
+    first = engine.workers[0].model
+    other = simulator(tmp_path / "other", **{"fl.clients_per_round": 3, "model.width": 0.5})
+    engine.run_round(1, other.model, clients[:2], lambda: other.strategy.client_plan(1, 0.1, other.model))
+    assert len(engine.workers) == 2 and engine.workers[0].model is not first
 
 
 # -- on a GPU: streams and graphs ---------------------------------------------------------
@@ -184,5 +200,5 @@ def test_streams_on_cuda_match_sequential(tmp_path, over):
 @cuda
 def test_capacity_from_free_gpu_memory(tmp_path):
     sim = simulator(tmp_path, device="cuda")
-    k, reason = clients_at_once(sim.trainer, sim.model, 1000, 0)
+    k, reason = clients_at_once(sim.trainer, sim.model, 0)
     assert k >= 1 and "GiB free" in reason

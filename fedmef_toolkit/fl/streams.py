@@ -17,7 +17,8 @@ removed.
 Each client runs exactly the code of the sequential engine
 (`ClientTrainer.start` -> `LocalTraining.step` -> `finish`) with its own
 generator (`client_generator(seed, t, cid, device)`), worker model, momentum
-and graph: results are the sequential engine's. A client with fewer steps
+and graph: results are the sequential engine's (bitwise on the CPU; on a GPU within
+fp32 rounding, as cuDNN may choose other kernels on other streams). A client with fewer steps
 simply stops; its worker takes the next waiting client, so at most K clients
 train at once (`fl.batched_clients`, or as many as fit in free GPU memory).
 
@@ -79,11 +80,12 @@ def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     return 4 * state + 2 * (saved["activations"] + saved["weight_derived"])
 
 
-def clients_at_once(trainer: ClientTrainer, model: nn.Module, clients: int, max_clients: int) -> tuple[int, str]:
-    """(how many clients train at once, why): `fl.batched_clients` (max_clients) if set, else
-    what fits in 60% of free GPU memory (at most CPU_MAX_CLIENTS on the CPU)."""
+def clients_at_once(trainer: ClientTrainer, model: nn.Module, max_clients: int) -> tuple[int, str]:
+    """(at most how many clients train at once, why): `fl.batched_clients` (max_clients) if set,
+    else what fits in 60% of free GPU memory (at most CPU_MAX_CLIENTS on the CPU). A limit, not
+    a round's count: rounds that sample fewer clients (PruneFL's one-client preparation) use fewer."""
     if max_clients:
-        return max(1, min(clients, max_clients)), "fl.batched_clients"
+        return max(1, max_clients), "fl.batched_clients"
     per_client = client_bytes(trainer, model)
     device = trainer.train_x.device
     if device.type == "cuda":
@@ -98,7 +100,7 @@ def clients_at_once(trainer: ClientTrainer, model: nn.Module, clients: int, max_
         except (ValueError, OSError, AttributeError):  # no such sysconf name (macOS, Windows)
             fit = CPU_MAX_CLIENTS
         reason = f"CPU: at most {CPU_MAX_CLIENTS}, no streams"
-    return max(1, min(clients, fit)), reason
+    return max(1, fit), reason
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -118,24 +120,26 @@ class StreamsEngine:
         self.workers: list[Worker] = []
         self._signature = None
 
-    def _ensure_workers(self, model: nn.Module, count: int) -> None:
+    def _ensure_workers(self, model: nn.Module, clients: int) -> list[Worker]:
+        """The workers for a round of `clients` clients: at most `capacity`, decided (from the
+        memory a client of this model needs) once per model."""
         signature = _signature(model)
         if signature != self._signature:
-            self.workers = []  # a different model: new replicas (and graphs)
+            self.workers = []  # a different model: new replicas (and graphs), a new limit
             self._signature = signature
+            self.capacity, self.capacity_reason = clients_at_once(self.trainer, model, self.max_clients)
+        count = min(self.capacity, clients)
         device = self.trainer.train_x.device
         while len(self.workers) < count:
             replica = copy.deepcopy(model)
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.workers.append(Worker(replica, self.trainer.new_step(replica, stream), stream))
+        return self.workers[:count]
 
     def run_round(self, t: int, global_model: nn.Module, clients: list[ClientData], make_plan) -> list[ClientResult]:
         tr = self.trainer
         device = tr.train_x.device
-        if self.capacity is None:
-            self.capacity, self.capacity_reason = clients_at_once(tr, global_model, len(clients), self.max_clients)
-        self._ensure_workers(global_model, min(self.capacity, len(clients)))
-        workers = self.workers[:min(self.capacity, len(clients))]
+        workers = self._ensure_workers(global_model, len(clients))
         state = global_model.state_dict()
         ambient = torch.cuda.current_stream(device) if device.type == "cuda" else None
         for w in workers:

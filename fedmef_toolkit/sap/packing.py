@@ -12,13 +12,18 @@ import math
 
 import torch
 
-_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+_BIT_WEIGHTS: dict[tuple, torch.Tensor] = {}
 
 
 def _weights(device) -> torch.Tensor:
-    w = _BIT_WEIGHTS.get(device)
+    """1, 2, 4, ..., 128 as uint8, cached per device and CUDA stream: a tensor written on one
+    stream and read on another without a wait could be read before it is written (the batched
+    engine packs on one stream per client)."""
+    device = torch.device(device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    w = _BIT_WEIGHTS.get(key)
     if w is None:
-        w = _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device)).to(torch.uint8)
+        w = _BIT_WEIGHTS[key] = (2 ** torch.arange(8, device=device)).to(torch.uint8)
     return w
 
 

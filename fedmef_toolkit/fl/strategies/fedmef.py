@@ -145,6 +145,10 @@ class FedMef(StaticSparse):
 
     def begin_round(self, t: int, model: nn.Module) -> dict:
         self._prepare_low(t, model)
+        # theta_low read back from a checkpoint lives on the CPU; one copy on the model's device
+        # serves every client of the window (the same tensors, so their step graphs are reused)
+        device = next(model.parameters()).device
+        self.low = {n: m.to(device) for n, m in self.low.items()}
         self.request = None
         if self.low_round == t:  # adjustment round: clients send top-k_l among the post-prune inactive entries
             masks = get_masks(model)
