@@ -120,3 +120,7 @@ def test_center_head_feeds_the_classifier_its_input_minus_the_scaled_relu_mean(a
     assert (out_centred - out_plain).abs().max() > 0.1
     assert get_model(arch, 10, norm="bn", width=0.25, nsconv_center_head=True).head_shift == 0.0
     assert plain.head_shift == 0.0 and centred.head_shift == pytest.approx(0.6833, abs=1e-4)
+    from fedmef_toolkit.memory.measure import saved_tensor_bytes
+
+    y = torch.randint(0, 10, (3,))
+    assert saved_tensor_bytes(centred, x, y)["activations"] == saved_tensor_bytes(plain, x, y)["activations"]

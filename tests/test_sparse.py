@@ -70,6 +70,10 @@ def test_bae_step_size_direct():
     assert bae_step_size(3, 10, 0.5, lr0, norm) == pytest.approx(0.5)  # max(eta, beta)
     assert bae_step_size(3, 10, 0.001, lr0, norm, psi=2.0) == pytest.approx(2 * beta)
     assert bae_step_size(3, 10, 0.001, lr0, norm, max_lr=0.01) == pytest.approx(0.01)
+    for lr, psi, max_lr in [(0.001, 1.0, None), (0.5, 1.0, None), (0.001, 2.0, None), (0.001, 1.0, 0.01)]:
+        on_device = bae_step_size(3, 10, lr, lr0, torch.tensor(norm), psi=psi, max_lr=max_lr)
+        assert isinstance(on_device, torch.Tensor) and on_device.dim() == 0
+        assert float(on_device) == pytest.approx(bae_step_size(3, 10, lr, lr0, norm, psi=psi, max_lr=max_lr))
 
 
 def test_prune_and_grow_keeps_count_and_picks_extremes():
@@ -142,8 +146,11 @@ def test_bae_penalty_gradient_and_step_size():
             w = mods[n].weight.detach()
             expect = 2 * 0.3 * w * m if penalty == "l2sq" else 0.3 * w * m / math.sqrt(sq)
             assert torch.allclose(mods[n].weight.grad, expect, atol=1e-7)
-        mu = plan.step_lr(4, model)
-        assert mu == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, math.sqrt(sq)))
+        mu = plan.step_lr(4, model)  # a device tensor: the step reads it without a host sync
+        assert isinstance(mu, torch.Tensor) and float(mu) == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, math.sqrt(sq)))
+        plan.bae = BaESpec(lam=0.3, penalty=penalty, sigmoid_norm="l1")
+        l1 = sum(float(mods[n].weight.detach()[m].abs().sum()) for n, m in low.items())
+        assert float(plan.step_lr(4, model)) == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, l1), rel=1e-5)
 
 
 def sparse_run(tmp_path, method, norm="bn", **over):

@@ -65,7 +65,7 @@ def reference_optimizer(model: nn.Module, lr: float, momentum: float, weight_dec
 def reference_step(model, opt, plan, x, y, lr, agc: float, autocast) -> torch.Tensor:
     pairs = masked_weights(model)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = float(lr)  # BaE's step size comes as a device tensor
     with autocast():
         loss = F.cross_entropy(model(x), y)
     extra = plan.extra_loss(model)

@@ -35,8 +35,9 @@ class ClientPlan:
     def at_step(self, step: int, model: nn.Module, trainer, client, gen) -> None:
         """Called before local step `step` (e.g. FedDST's mid-training mask change)."""
 
-    def step_lr(self, step: int, model: nn.Module) -> float:
-        """Learning rate of local step `step` (0-based)."""
+    def step_lr(self, step: int, model: nn.Module) -> float | torch.Tensor:
+        """Learning rate of local step `step` (0-based): a float, or a 0-dim tensor on the
+        training device when it depends on the model (no host sync to read it)."""
         return self.lr
 
     def finish(self, model: nn.Module, trainer, client, gen) -> dict:

@@ -118,11 +118,14 @@ class GraphedStep:
             if self.bufs:
                 torch._foreach_zero_(self.bufs)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float | torch.Tensor) -> None:
         """One local step on batch (x, y) at learning rate `lr`."""
         first, self._first_step = self._first_step, False
         self._bind()
-        self.lr.fill_(lr)
+        if isinstance(lr, torch.Tensor):  # computed on the device (BaE's step size): no host sync
+            self.lr.copy_(lr)
+        else:
+            self.lr.fill_(lr)
         if self._replayable(x, y, first):
             self._static_x.copy_(x)
             self._static_y.copy_(y)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def is_adjustment_round(t: int, delta_t: int, t_end: int) -> bool:
     """Mask adjustment happens in rounds t with t mod delta_t == 0 and 0 < t <= t_end."""
@@ -38,11 +40,17 @@ def rex_factor(step: int, total: int) -> float:
     return z / (0.5 + 0.5 * z)
 
 
-def bae_step_size(step: int, total: int, lr: float, lr0: float, low_norm: float, psi: float = 1.0,
-                  max_lr: float | None = None) -> float:
-    """mu_s = max(eta_s, beta_s), beta_s = psi * p(s) * (2 sigmoid(||theta_low||) - 1) * eta_0."""
-    beta = psi * rex_factor(step, total) * (2.0 / (1.0 + math.exp(-low_norm)) - 1.0) * lr0
-    mu = max(lr, beta)
+def bae_step_size(step: int, total: int, lr: float, lr0: float, low_norm, psi: float = 1.0,
+                  max_lr: float | None = None):
+    """mu_s = max(eta_s, beta_s), beta_s = psi * p(s) * (2 sigmoid(||theta_low||) - 1) * eta_0.
+
+    `low_norm` a float gives a float; a (0-dim) tensor gives a tensor on its device, so a
+    training step can use the step size without waiting for the norm on the host."""
+    factor = psi * rex_factor(step, total) * lr0
+    if isinstance(low_norm, torch.Tensor):
+        mu = (factor * (2.0 * torch.sigmoid(low_norm.float()) - 1.0)).clamp_min(lr)
+        return mu.clamp_max(max_lr) if max_lr is not None else mu
+    mu = max(lr, factor * (2.0 / (1.0 + math.exp(-low_norm)) - 1.0))
     return min(mu, max_lr) if max_lr is not None else mu
 
 

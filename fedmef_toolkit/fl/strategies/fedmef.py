@@ -82,9 +82,11 @@ class BaEPlan(GrowthPlan):
         self.step0 = self.window_offset * total_steps
 
     def low_norm(self, order: str = "l2") -> torch.Tensor:
-        if order == "l1":
-            return sum((w * m).abs().sum() for w, m in self.pairs)
-        return torch.sqrt(masked_sq_norm(self.pairs))
+        """||theta_low|| on the device, in a few multi-tensor kernels (it runs eagerly every step)."""
+        if not self.pairs:
+            return torch.zeros(())
+        low = torch._foreach_mul([w.detach() for w, _ in self.pairs], [m for _, m in self.pairs])
+        return torch.stack(torch._foreach_norm(low, 1 if order == "l1" else 2)).norm(1 if order == "l1" else 2)
 
     def extra_loss(self, model):
         sq = masked_sq_norm(self.pairs)
@@ -94,8 +96,9 @@ class BaEPlan(GrowthPlan):
         return (self.bae.lam, self.bae.penalty, tuple((m.data_ptr(), m.shape) for _, m in self.pairs))
 
     def step_lr(self, step, model):
+        """BaE's step size as a device tensor: no host sync (the step reads it on the device)."""
         with torch.no_grad():
-            norm = float(self.low_norm(self.bae.sigmoid_norm))  # one sync per step, extrusion rounds only
+            norm = self.low_norm(self.bae.sigmoid_norm)
         s = min(self.step0 + step, self.budget - 1)
         return bae_step_size(s, self.budget, self.lr, self.lr0, norm, self.bae.psi, self.bae.max_lr)
 
