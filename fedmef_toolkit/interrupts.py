@@ -6,7 +6,9 @@ handlers for both signals in the main thread:
 
 - ``immediate=True`` (the built-in simulator, whose loop runs in the main thread): the handler
   raises `Interrupted` at once; the round in progress is abandoned and `Simulator.run` checkpoints
-  the last completed one (as for Ctrl-C).
+  the last completed one (as for Ctrl-C). `immediate` may be a callable asked at each signal: the
+  simulator says no while the server folds the round's results into the model (the round then
+  ends, is logged, and the loop's `check()` stops the run before the next one).
 - ``immediate=False`` (Flower's simulation engine: the main thread runs Flower's runtime and Ray,
   the rounds run in the ServerApp's thread): the handler only records the request; the round loop
   and the Flower engine's polling call `check()`, which raises `Interrupted` in the round's thread,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -66,7 +69,7 @@ def request(signum: int = signal.SIGINT) -> None:
 
 
 class _Guard:
-    def __init__(self, immediate: bool):
+    def __init__(self, immediate: bool | Callable[[], bool]):
         self.immediate = immediate
         self.previous: dict[int, object] = {}
         self.active = threading.current_thread() is threading.main_thread()
@@ -74,7 +77,7 @@ class _Guard:
     def _handle(self, signum, frame):
         again = _requested.is_set()
         request(signum)
-        if self.immediate or again:
+        if again or (self.immediate() if callable(self.immediate) else self.immediate):
             raise Interrupted(signum)
 
     def install(self) -> None:
@@ -92,7 +95,7 @@ class _Guard:
 
 
 @contextmanager
-def stop_on_signals(immediate: bool = True):
+def stop_on_signals(immediate: bool | Callable[[], bool] = True):
     """SIGINT and SIGTERM stop the run inside the block (see the module's docstring); the
     previous handlers come back after it. Yields the guard (`install()` re-installs)."""
     _requested.clear()

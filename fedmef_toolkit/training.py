@@ -81,5 +81,7 @@ def run_rounds(sim) -> list[dict]:
         from .flower.simulation import run_in_simulation
 
         return run_in_simulation(sim)  # its own handlers: they must outlive ray.init's
-    with interrupts.stop_on_signals(immediate=True):
+    # abandon the round while its clients train; while the server folds their results into the
+    # model, finish it (then the loop stops before the next round): no completed work is lost
+    with interrupts.stop_on_signals(immediate=lambda: getattr(sim, "phase", "idle") != "server"):
         return sim.run()

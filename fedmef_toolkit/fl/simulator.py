@@ -380,7 +380,8 @@ class Simulator:
             except KeyboardInterrupt:
                 # While clients train, the global model is that of round `done`; when idle it is
                 # too (also mid-checkpoint: the write is atomic and is simply redone). During
-                # server work it is neither, so the last periodic checkpoint stands.
+                # server work it is neither, so the last periodic checkpoint stands (SIGINT/SIGTERM
+                # wait for the server work to end: fedmef_toolkit.interrupts, training.run_rounds).
                 if self.phase in ("clients", "idle") and done > self.start_round:
                     self.checkpoint(done)
                 raise
