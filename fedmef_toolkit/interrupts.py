@@ -36,6 +36,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
 
+    def __reduce__(self):
+        return Interrupted, (self.signum,)
+
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
@@ -90,7 +93,7 @@ class _Guard:
 
     def restore(self) -> None:
         for s, old in self.previous.items():
-            signal.signal(s, old)
+            signal.signal(s, signal.SIG_DFL if old is None else old)  # None: set outside Python
         self.previous.clear()
 
 
