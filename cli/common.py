@@ -31,8 +31,8 @@ def user_errors(fn):
             err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or brief(exc)))}", highlight=False,
                               soft_wrap=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # fedmef_toolkit.interrupts.Interrupted carries its signal
             err_console.print("interrupted", highlight=False)
-            sys.exit(130)
+            sys.exit(getattr(exc, "exit_code", 130))
 
     return wrapper

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,14 @@ def _resume_recipe(run: RunDir, overrides: list[str]):
     return load_saved_recipe(str(run.recipe), list(overrides))[0], previous, legacy
 
 
-def _terminate_as_interrupt(signum, frame):
-    """SIGTERM (timeout, SLURM, docker stop) ends a run like Ctrl-C: with a checkpoint."""
-    raise KeyboardInterrupt
+def _stopped_line(exc: KeyboardInterrupt, run_dir: Path) -> str:
+    """The one line of a run stopped by Ctrl-C or SIGTERM: the signal, the round its checkpoint
+    holds, and the command that continues it."""
+    from fedmef_toolkit.fl.checkpoint import load_checkpoint_round
+
+    last = load_checkpoint_round(run_dir)  # None or 0: stopped before round 1 (a resume starts over)
+    where = "before round 1" if not last else f"after round {last} (checkpoint saved)"
+    return f"stopped by {getattr(exc, 'name', 'SIGINT')} {where}; continue with: fedmef train --resume {run_dir}"
 
 
 @click.command()
@@ -108,23 +112,16 @@ def train(recipe_name, overrides, resume_dir, no_progress):
         except BaseException:  # e.g. a full disk: the new, still empty run leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    old_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        if recipe.fl.engine == "flower":  # the same Simulator, its clients on Flower's simulation engine
-            from fedmef_toolkit.flower.simulation import run_in_simulation
+    from fedmef_toolkit.training import run_rounds
 
-            rows = run_in_simulation(sim)
-        else:
-            rows = sim.run()
+    try:  # SIGINT and SIGTERM (timeout, SLURM, docker stop): a checkpoint of the last round, exit 128+signal
+        rows = run_rounds(sim)  # the built-in simulator, or the same Simulator on Flower's simulation engine
     except StorageError as exc:  # nothing written is damaged: the last checkpoint stands
         raise StorageError(f"{exc}; the last checkpoint is intact: fix this and continue with "
                            f"fedmef train --resume {run_dir}") from None
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted; continue with: fedmef train --resume {run_dir}", highlight=False,
-                          soft_wrap=True)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
+    except KeyboardInterrupt as exc:
+        err_console.print(escape(_stopped_line(exc, run_dir)), highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 130))
     from fedmef_toolkit.plots import write_accuracy_curves
 
     write_accuracy_curves([run_dir], RunDir(run_dir).accuracy_png)

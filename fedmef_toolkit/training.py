@@ -41,7 +41,7 @@ def train(recipe, overrides: dict | list[str] | None = None, run_dir: str | Path
         sim = Simulator(rec, run.path, show_progress=progress)
         try:
             sim.resume(rec.digest(without=legacy))
-            return TrainResult(run.path, _rounds(sim))
+            return TrainResult(run.path, run_rounds(sim))
         finally:
             sim.unlock()
     items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
@@ -63,15 +63,25 @@ def train(recipe, overrides: dict | list[str] | None = None, run_dir: str | Path
         sim.write_run_files()
         if rec.output.memory_report:
             write_report_for_simulator(sim, quiet=True)
-        return TrainResult(run.path, _rounds(sim))
+        return TrainResult(run.path, run_rounds(sim))
     finally:
         sim.unlock()  # also when something above failed: the run can be resumed in this process
 
 
-def _rounds(sim) -> list[dict]:
-    """The remaining rounds, on the engine the recipe names (Flower's simulation engine or ours)."""
+def run_rounds(sim) -> list[dict]:
+    """The remaining rounds, on the engine the recipe names (Flower's simulation engine or ours).
+
+    SIGINT and SIGTERM stop the run with a checkpoint of its last completed round
+    (`fedmef_toolkit.interrupts`): `interrupts.Interrupted` (a KeyboardInterrupt) is raised
+    here, with the signal and its exit code, after the run directory's lock is released and
+    Flower's runtime and Ray are shut down."""
+    from . import interrupts
+
     if sim.recipe.fl.engine == "flower":
         from .flower.simulation import run_in_simulation
 
-        return run_in_simulation(sim)
-    return sim.run()
+        return run_in_simulation(sim)  # its own handlers: they must outlive ray.init's
+    # abandon the round while its clients train; while the server folds their results into the
+    # model, finish it (then the loop stops before the next round): no completed work is lost
+    with interrupts.stop_on_signals(immediate=lambda: getattr(sim, "phase", "idle") != "server"):
+        return sim.run()

@@ -63,3 +63,33 @@ def small_recipe(tmp_path: Path, **over) -> dict:
 
 def pytest_report_header(config):
     return f"shared CIFAR-10 archive: {'found' if SHARED_CIFAR.exists() else 'absent'} ({SHARED_CIFAR}); threads {os.cpu_count()}"
+
+
+def stop_run(proc, sig: int, run_dir: Path, lines: int, timeout: float = 300.0) -> tuple[str, int]:
+    """Send `sig` to the `fedmef train` process `proc` (stderr piped, text) once metrics.jsonl of
+    `run_dir` holds at least `lines` lines, and check how it stopped: exit code 128+signal, no
+    traceback, one line with the exact resume command, the checkpoint at the last logged round.
+    Returns (stderr, that round)."""
+    import json
+    import signal
+    import time
+
+    from fedmef_toolkit.fl.checkpoint import load_checkpoint_round
+
+    metrics = run_dir / "metrics.jsonl"
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before the signal: {proc.stderr.read()[-3000:]}"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["round"]
+    assert load_checkpoint_round(run_dir) == last  # the last logged round, not the periodic checkpoint
+    said = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert said == [f"stopped by {signal.Signals(sig).name} after round {last} (checkpoint saved); "
+                    f"continue with: fedmef train --resume {run_dir}"], err[-3000:]
+    return err, last

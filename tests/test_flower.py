@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedmef-toolkit[flower]')")
 
 import torch  # noqa: E402
-from conftest import small_recipe  # noqa: E402
+from conftest import small_recipe, stop_run  # noqa: E402
 
 from fedmef_toolkit.fl.comm import state_bytes  # noqa: E402
 from fedmef_toolkit.fl.simulator import Simulator  # noqa: E402
@@ -101,6 +103,65 @@ def test_failing_client_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
     assert rows[0]["wire_bytes_up"] == rows[0]["bytes_up"] and rows[0]["bytes_up"] * 3 == rows[1]["bytes_up"] * 2
     assert "failed_clients" not in rows[1]
     assert (run_dir / "model.safetensors").exists()
+
+
+def _tagged_processes(tag: str) -> list[str]:
+    """Processes (ps, with their environment) that inherited `tag`: Ray's GCS, raylet and workers
+    started by a run whose environment holds it."""
+    out = subprocess.run(["ps", "axww", "e", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return [ln.split(" FEDMEF_")[0][:200] for ln in out.splitlines() if tag in ln]
+
+
+def _no_tagged_processes(tag: str, seconds: float = 20) -> list[str]:
+    end = time.time() + seconds
+    while (left := _tagged_processes(tag)) and time.time() < end:
+        time.sleep(0.2)
+    return left
+
+
+def test_sigterm_and_ctrl_c_under_flower_checkpoint_the_last_round_and_stop_ray(tmp_path):
+    """`fedmef train` with fl.engine: flower gets SIGTERM, then (resumed) SIGINT: each time exit code
+    128+signal, one line with the resume command, no traceback, the checkpoint at the last logged
+    round, no Ray process left; resuming to the end gives the uninterrupted run's metrics (the
+    built-in simulator's, which the Flower run equals: test_flower_simulation_matches_builtin_simulator)."""
+    rounds, tag = 10, f"fedmef-test-{uuid.uuid4().hex}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDMEF_TEST_TAG": tag}
+    recipe = small_recipe(tmp_path, **{"fl.rounds": rounds, "fl.engine": "flower", "output.checkpoint_every": 100})
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    run_dir = tmp_path / "runs" / "run"
+    cli = [sys.executable, "-m", "fedmef_toolkit.cli.main", "train", "--no-progress"]
+    popen = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli + ["--recipe", str(tmp_path / "recipe.yaml")], **popen)
+    try:
+        end = time.time() + 300
+        while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < end:
+            time.sleep(0.05)
+        assert any("raylet" in p for p in _tagged_processes(tag))  # what the checks below look for is there
+        _, first = stop_run(proc, signal.SIGTERM, run_dir, 1)
+        assert _no_tagged_processes(tag) == []
+        proc = subprocess.Popen(cli + ["--resume", str(run_dir)], **popen)
+        _, second = stop_run(proc, signal.SIGINT, run_dir, first + 1)
+        assert first < second < rounds
+        assert _no_tagged_processes(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rest = subprocess.run(cli + ["--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0 and f"resuming after round {second}" in rest.stderr, rest.stderr[-3000:]
+    assert _no_tagged_processes(tag) == []
+    ref = small_recipe(tmp_path / "ref", **{"fl.rounds": rounds, "output.checkpoint_every": 100})
+    sim = Simulator(recipe_from_dict(ref), tmp_path / "ref" / "run", show_progress=False)
+    sim.write_run_files()
+    engine_keys = {"engine", "wire_bytes_down", "wire_bytes_up", "time_s", "samples_per_s", "cpu_max_rss_mib"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ClientApps (OMP_NUM_THREADS=1): the same float sums
+    try:
+        want = [{k: v for k, v in r.items() if k not in engine_keys} for r in sim.run()]
+    finally:
+        torch.set_num_threads(threads)
+    got = [{k: v for k, v in json.loads(ln).items() if k not in engine_keys}
+           for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert got == want
 
 
 class _Reply:

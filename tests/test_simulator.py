@@ -89,6 +89,38 @@ def test_resume_after_ctrl_c_reproduces_uninterrupted_run(tmp_path):
     assert strip_times(read_metrics(sim.run_dir)) == strip_times(full)
 
 
+def test_a_signal_while_the_server_aggregates_finishes_that_round(tmp_path):
+    """SIGTERM (or Ctrl-C) while clients train abandons the round; while the server aggregates, the
+    round is finished, logged and checkpointed, and the run stops before the next one."""
+    import os
+    import signal
+
+    import pytest
+
+    from fedmef_toolkit import interrupts
+    from fedmef_toolkit.training import run_rounds
+
+    recipe = small_recipe(tmp_path, **{"fl.rounds": 4, "output.checkpoint_every": 3})
+    for sig, when, stopped in [(signal.SIGTERM, "aggregate", 2), (signal.SIGINT, "clients", 1)]:
+        sim = Simulator(recipe_from_dict(recipe), tmp_path / f"{sig}" / "run", show_progress=False)
+        sim.write_run_files()
+        target = (sim.strategy, "aggregate") if when == "aggregate" else (sim.engine, "run_round")
+        real = getattr(*target)
+
+        def signal_in_round_2(*args, real=real, sig=sig):
+            if args[-1 if when == "aggregate" else 0] == 2:
+                os.kill(os.getpid(), sig)
+            return real(*args)
+
+        setattr(*target, signal_in_round_2)
+        with pytest.raises(interrupts.Interrupted) as info:
+            run_rounds(sim)
+        assert info.value.signum == sig and info.value.exit_code == 128 + sig
+        assert [r["round"] for r in read_metrics(sim.run_dir)] == list(range(1, stopped + 1))
+        assert json.loads((sim.run_dir / "checkpoint.json").read_text())["round"] == stopped
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not interrupts.requested()
+
+
 def test_cli_train_and_resume(tmp_path):
     import yaml
 

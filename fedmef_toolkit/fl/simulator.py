@@ -27,6 +27,7 @@ from ..errors import TrainingDiverged, UserError, brief
 from ..architecture import describe
 from ..assembly import build_model, load_init_weights, prepare_for_training  # noqa: F401 (load_init_weights: compat)
 from ..recipe import Recipe, recipe_to_yaml
+from .. import interrupts
 from .. import rundir as rd
 from ..sparse.masks import get_masks, mask_density
 from ..sparse.schedules import round_lr
@@ -363,6 +364,7 @@ class Simulator:
                 open_append(self.run_dir / rd.METRICS) as log:
             try:
                 for t in range(self.start_round + 1, fl.rounds + 1):
+                    interrupts.check()  # a stop requested by a signal (interrupts.py): before the round
                     row = self.run_round(t)  # phase "clients", then "server" once the model changes
                     append_line(log, self.run_dir / rd.METRICS, json.dumps(row))
                     self.check_finite(t, row)
@@ -378,7 +380,8 @@ class Simulator:
             except KeyboardInterrupt:
                 # While clients train, the global model is that of round `done`; when idle it is
                 # too (also mid-checkpoint: the write is atomic and is simply redone). During
-                # server work it is neither, so the last periodic checkpoint stands.
+                # server work it is neither, so the last periodic checkpoint stands (SIGINT/SIGTERM
+                # wait for the server work to end: fedmef_toolkit.interrupts, training.run_rounds).
                 if self.phase in ("clients", "idle") and done > self.start_round:
                     self.checkpoint(done)
                 raise

@@ -12,6 +12,10 @@ Each sampled client becomes one train message to a node:
 - a node without it is a worker (one SuperNode per GPU) and trains any
   client the server names, loading that client's partition of the data.
 
+A stop requested by SIGINT or SIGTERM (`fedmef_toolkit.interrupts`) abandons the round while
+its clients train: `run_round` raises `Interrupted` and the Simulator checkpoints the last
+completed round.
+
 Faults: a node that replies with an error, disappears, or misses
 `fl.flower.timeout_s` loses its client for the round; the round aggregates
 the results that came back when there are at least `fl.flower.min_results`,
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 
+from .. import interrupts
 from ..errors import UserError
 from . import codec
 from .messages import from_array_record, from_config_record, to_array_record, to_config_record
@@ -50,6 +55,7 @@ class FlowerEngine:
     def wait_for_nodes(self, count: int, timeout_s: float) -> None:
         end = time.time() + timeout_s
         while len(list(self.grid.get_node_ids())) < count:
+            interrupts.check()
             if time.time() > end:
                 raise UserError(f"Flower: {len(list(self.grid.get_node_ids()))} of {count} SuperNodes connected "
                                 f"after {timeout_s:.0f} s")
@@ -125,6 +131,9 @@ class FlowerEngine:
         next_check = time.time() + self.liveness_every_s
         device = next(global_model.parameters()).device
         while pending:
+            # a signal stops the run here (interrupts.py: Flower's ServerApp runs in a thread of its
+            # own); the global model is still that of the last completed round, which is checkpointed
+            interrupts.check()
             for reply in self.grid.pull_messages(list(pending)):
                 cid, node = pending.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
