@@ -183,4 +183,4 @@ class StreamsEngine:
         else:
             graphs = (f"CUDA graphs: on (whole steps: {sum(s.replays for s in steps)} replayed, "
                       f"{sum(s.eager_steps for s in steps)} eager)")
-        return f"batched engine (CUDA streams): {self.capacity} clients at once ({self.capacity_reason}); {graphs}"
+        return f"batched engine (CUDA streams): up to {self.capacity} clients at once ({self.capacity_reason}); {graphs}"
