@@ -91,7 +91,7 @@ def summarize(n, isolation, rows, msgs, wall) -> dict:
             "messages_per_node_round": {k: [v.count(t) for t in sorted(set(v))] for k, v in per_node.items()},
             "median_s": {"process_start_to_train": med("proc_start", "enter"),
                          "toolkit_import": med("enter", "imported"), "runtime": med("imported", "runtime"),
-                         "train": med("runtime", "trained"), "encode": med("trained", "done")},
+                         "train": med("start", "trained"), "encode": med("trained", "done")},
             "wall_s": round(wall, 1)}
 
 
