@@ -31,7 +31,9 @@ PYEOF
 fi
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip-toolkit.log" 2>&1 || true
 BIN=$(dirname "$($PY -c 'import sys; print(sys.executable)')")
-export PATH="$BIN:$PATH" FLWR_HOME="$OUT/flwr_home" OMP_NUM_THREADS=4
+# SuperExec (started by each SuperNode) polls for ClientApp tasks every 0.1 s instead of 1 s
+export PATH="$BIN:$PATH" FLWR_HOME="$OUT/flwr_home" OMP_NUM_THREADS=4 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
+export FEDMEF_FLOWER_TRACE=${FEDMEF_FLOWER_TRACE:-$OUT/trace.jsonl}  # per-client timestamps (docs/flower.md)
 NGPU=$(nvidia-smi -L | wc -l)
 TOTAL=$((WARM + ROUNDS))
 SET=(--set fl.rounds=$TOTAL --set data.root=$CIFAR --set eval.every=$TOTAL --set output.checkpoint_every=$TOTAL)

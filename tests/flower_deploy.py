@@ -39,9 +39,16 @@ class Deployment:
         return self.start("superlink", [bin_of("flower-superlink"), "--insecure", "--port", str(self.port),
                                         "--disable-runtime-dependency-installation"])
 
-    def supernode(self, name: str, extra_env: dict | None = None):
-        return self.start(name, [bin_of("flower-supernode"), "--insecure", "--superlink",
-                                 f"127.0.0.1:{self.port}", "--port", str(free_port())], extra_env)
+    def supernode(self, name: str, extra_env: dict | None = None, isolation: str = "subprocess"):
+        """A SuperNode; isolation "process": its SuperExec (which starts the ClientApps) is a
+        process of its own, started here next to it, as on a host where they are separate services."""
+        port = free_port()
+        node = self.start(name, [bin_of("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                 "--port", str(port), "--isolation", isolation], extra_env)
+        if isolation == "process":
+            self.start(f"{name}-superexec", [bin_of("flower-superexec"), "--insecure", "--plugin-type", "clientapp",
+                                             "--runtime-api-address", f"127.0.0.1:{port}"], extra_env)
+        return node
 
     def wait_port(self, timeout: float = 30) -> None:
         end = time.time() + timeout
@@ -53,10 +60,11 @@ class Deployment:
         raise TimeoutError("SuperLink did not open its port")
 
     def kill(self, name: str) -> None:
-        p = self.procs.get(name)
-        if p is not None and p.poll() is None:
-            os.killpg(p.pid, 9)  # the SuperNode and the ClientApp processes it started (its own session)
-            p.wait(10)
+        for key in (name, f"{name}-superexec"):
+            p = self.procs.get(key)
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, 9)  # the SuperNode and the ClientApp processes it started (its own session)
+                p.wait(10)
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):

@@ -181,7 +181,12 @@ class _FailingGrid:
     """Two worker nodes whose train messages all fail (no Ray: fast)."""
 
     def __init__(self):
+        from flwr.supercore.task_identity import TaskIdentity
+
         self.sent = {}
+        for key, value in (("task_id", 1), ("run_id", 1), ("node_id", 0)):
+            if getattr(TaskIdentity, f"_{key}") is None:  # Message() reads them; a Flower run sets them
+                setattr(TaskIdentity, key, value)
 
     def get_node_ids(self):
         return [1, 2]
@@ -288,3 +293,41 @@ def test_killing_a_supernode_mid_run_leaves_the_run_going(tmp_path):
     finally:
         if d is not None:
             d.stop()
+
+
+class _PerClientErrorGrid(_FailingGrid):
+    """Two worker nodes whose replies name each client's failure (`error.I`), not a message error."""
+
+    def push_messages(self, msgs):
+        self.msgs = list(msgs)
+        return super().push_messages(msgs)
+
+    def pull_messages(self, ids):
+        out = []
+        for i in ids:
+            m = next(m for j, m in zip(self.sent, self.msgs) if j == i)
+            cids = m.content["config"]["cids"]
+            out.append(_Reply(i, self.sent[i], {f"error.{k}": {"reason": f"client {c} failed"}
+                                                for k, c in enumerate(cids)}))
+        return out
+
+
+def test_a_round_sends_one_message_per_node_with_its_clients(tmp_path):
+    """Flower 1.42 starts a ClientApp process per message: a round sends one message per SuperNode,
+    naming its clients in order, the model once; a failure in a reply is that client's alone."""
+    from fedmef_toolkit.flower.engine import TooFewResults
+
+    r = small_recipe(tmp_path, **{"fl.rounds": 1, "fl.engine": "flower", "fl.clients_per_round": 5,
+                                  "fl.flower.min_results": 1})
+    sim = Simulator(recipe_from_dict(r), tmp_path / "run", show_progress=False)
+    sim.write_run_files()
+    grid = sim.engine.grid = _PerClientErrorGrid()
+    with pytest.raises(TooFewResults) as info:
+        sim.run()
+    assert len(grid.msgs) == 2 and sorted(grid.sent.values()) == [1, 2]
+    cids = [list(m.content["config"]["cids"]) for m in grid.msgs]
+    assert sorted(len(c) for c in cids) == [2, 3] and sorted(sum(cids, [])) == sorted(sim.sample_clients(1))
+    assert all(f"plan.{k}" in m.content and f"plan-config.{k}" in m.content
+               for m, c in zip(grid.msgs, cids) for k in range(len(c)))
+    for c in sum(cids, []):
+        assert f"client {c} failed" in str(info.value)

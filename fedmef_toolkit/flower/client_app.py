@@ -7,7 +7,11 @@ the recipe's, or FEDMEF_FLOWER_DEVICE on that node.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+
+_T_IMPORT = time.time()  # this module's import: the ClientApp process is (re)started per message in 1.42
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,6 +21,27 @@ from .messages import from_array_record, from_config_record, to_array_record, to
 app = ClientApp()
 
 FAULT_ENV = "FEDMEF_FLOWER_FAULT"  # tests: "ROUND:CID[:exit]" makes that client fail (or its process exit)
+TRACE_ENV = "FEDMEF_FLOWER_TRACE"  # a file: one JSON line of timestamps per train message (benchmarks)
+
+
+def _process_start() -> float | None:
+    """This process's start time (Unix seconds; Linux), for the trace."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _trace(**row) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        row.update(pid=os.getpid(), proc_start=_process_start(), module_import=_T_IMPORT)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _partition_of(context: Context) -> tuple[int, int]:
@@ -47,19 +72,39 @@ def _inject_fault(t: int, cid: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Trains the clients the message names (`cids`), one after the other, each from the global
+    model with its own plan and (seed, round, client) generator; a client that fails is an
+    `error.I` record of the reply, the others' results still go back."""
+    t0 = time.time()
     from . import codec  # torch, data and models: not needed to answer a query
     from .task import runtime_for
 
     cfg = from_config_record(msg.content["config"])
-    t, cid = int(cfg["round"]), int(cfg["cid"])
-    _inject_fault(t, cid)
+    t, cids = int(cfg["round"]), [int(c) for c in cfg["cids"]]
+    t1 = time.time()
     rt = runtime_for(cfg["recipe"], cfg["arch"])
+    t2 = time.time()
     pid, num = _partition_of(context)
-    if num == rt.recipe.data.num_clients and pid != cid:
-        raise ValueError(f"this SuperNode owns client {pid}'s data, not client {cid}'s")
-    result = rt.train(t, cid, from_array_record(msg.content["model"]), cfg,
-                      from_array_record(msg.content["plan"]), cfg)
-    arrays, out_cfg = codec.encode_result(result)
-    content = RecordDict({"model": to_array_record(arrays), "config": to_config_record(out_cfg),
-                          "metrics": MetricRecord({"num-examples": result.num_samples, "train_loss": result.loss})})
+    state_arrays = from_array_record(msg.content["model"])
+    content = RecordDict()
+    samples, loss = 0, 0.0
+    for i, cid in enumerate(cids):
+        s0 = time.time()
+        try:
+            _inject_fault(t, cid)
+            if num == rt.recipe.data.num_clients and pid != cid:
+                raise ValueError(f"this SuperNode owns client {pid}'s data, not client {cid}'s")
+            result = rt.train(t, cid, state_arrays, cfg, from_array_record(msg.content[f"plan.{i}"]),
+                              from_config_record(msg.content[f"plan-config.{i}"]))
+        except Exception as exc:  # noqa: BLE001 - that client's failure, reported to the server
+            content[f"error.{i}"] = ConfigRecord({"reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        s1 = time.time()
+        arrays, out_cfg = codec.encode_result(result)
+        content[f"model.{i}"] = to_array_record(arrays)
+        content[f"config.{i}"] = to_config_record(out_cfg)
+        samples, loss = samples + result.num_samples, loss + result.loss * result.num_samples
+        _trace(round=t, cid=cid, node=context.node_id, enter=t0, imported=t1, runtime=t2, start=s0, trained=s1,
+               done=time.time())
+    content["metrics"] = MetricRecord({"num-examples": samples, "train_loss": loss / max(samples, 1)})
     return Message(content, reply_to=msg)

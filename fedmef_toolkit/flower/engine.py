@@ -3,7 +3,10 @@
 `FlowerEngine.run_round` has the signature of the built-in engines, so the
 Simulator (the strategy's driver: sampling, plans, aggregation, mask
 changes, accounting, checkpoints, evaluation, run directory) is unchanged.
-Each sampled client becomes one train message to a node:
+A round sends one train message per node, naming the node's clients (they train one after the
+other in that node's ClientApp, with the model sent once): Flower 1.42's deployment engine starts a
+ClientApp process per message, so a message per client would pay that start per client.
+Which node trains which client:
 
 - a node whose node config holds `partition-id` and `num-partitions` equal to
   the recipe's `data.num_clients` (Flower's simulation engine sets both;
@@ -107,23 +110,31 @@ class FlowerEngine:
         nodes = self._discover()
         route = self._route([c.cid for c in clients], nodes)
         failed: dict[int, str] = {}
-        pending: dict[str, tuple[int, int]] = {}  # message id -> (cid, node)
+        pending: dict[str, tuple[int, list[int]]] = {}  # message id -> (node, its clients)
         down = 0
-        msgs, meta = [], []
-        for client in clients:
+        batches: dict[int, list[tuple[int, dict, dict]]] = {}  # node -> [(cid, plan arrays, plan config)]
+        for client in clients:  # plans in the clients' order (as the built-in engines make them)
             node = route[client.cid]
             plan_arrays, plan_cfg = codec.encode_plan(make_plan(), masks)
             if node is None:
                 failed[client.cid] = "no SuperNode can train this client"
                 continue
-            cfg = {"round": t, "cid": client.cid, "recipe": self.recipe_yaml, "arch": self.arch_json}
+            batches.setdefault(node, []).append((client.cid, plan_arrays, plan_cfg))
+        msgs, meta = [], []
+        for node, batch in batches.items():
+            # one message per node and round: its clients train one after the other in one ClientApp
+            # process (Flower 1.42 starts a process per message), the global model travels once
+            cfg = {"round": t, "cids": [cid for cid, _, _ in batch], "recipe": self.recipe_yaml,
+                   "arch": self.arch_json}
             cfg.update(state_cfg)
-            cfg.update(plan_cfg)
-            content = RecordDict({"model": to_array_record(state_arrays), "plan": to_array_record(plan_arrays),
-                                  "config": to_config_record(cfg)})
-            down += codec.arrays_bytes(state_arrays) + codec.arrays_bytes(plan_arrays)
+            content = RecordDict({"model": to_array_record(state_arrays), "config": to_config_record(cfg)})
+            down += codec.arrays_bytes(state_arrays)
+            for i, (_, plan_arrays, plan_cfg) in enumerate(batch):
+                content[f"plan.{i}"] = to_array_record(plan_arrays)
+                content[f"plan-config.{i}"] = to_config_record(plan_cfg)
+                down += codec.arrays_bytes(plan_arrays)
             msgs.append(Message(content, dst_node_id=node, message_type="train", group_id=str(t)))
-            meta.append((client.cid, node))
+            meta.append((node, cfg["cids"]))
         for mid, m in zip(self.grid.push_messages(msgs), meta):
             pending[mid] = m
         results, up = {}, 0
@@ -135,28 +146,34 @@ class FlowerEngine:
             # own); the global model is still that of the last completed round, which is checkpointed
             interrupts.check()
             for reply in self.grid.pull_messages(list(pending)):
-                cid, node = pending.pop(reply.metadata.reply_to_message_id)
+                node, cids = pending.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
-                    failed[cid] = f"node {node}: {_short(reply.error.reason)}"
+                    failed.update({cid: f"node {node}: {_short(reply.error.reason)}" for cid in cids})
                     continue
-                try:
-                    arrays = from_array_record(reply.content["model"])
-                    results[cid] = codec.decode_result(arrays, from_config_record(reply.content["config"]), device)
-                    up += codec.arrays_bytes(arrays)
-                except Exception as exc:  # a malformed reply is that client's failure
-                    failed[cid] = f"node {node}: bad reply ({type(exc).__name__}: {_short(str(exc))})"
+                for i, cid in enumerate(cids):
+                    try:
+                        if f"error.{i}" in reply.content:
+                            failed[cid] = f"node {node}: {_short(str(reply.content[f'error.{i}']['reason']))}"
+                            continue
+                        arrays = from_array_record(reply.content[f"model.{i}"])
+                        results[cid] = codec.decode_result(arrays, from_config_record(reply.content[f"config.{i}"]),
+                                                           device)
+                        up += codec.arrays_bytes(arrays)
+                    except Exception as exc:  # a malformed reply is that client's failure
+                        failed[cid] = f"node {node}: bad reply ({type(exc).__name__}: {_short(str(exc))})"
             if not pending:
                 break
             now = time.time()
             if deadline is not None and now > deadline:
-                for cid, node in pending.values():
-                    failed[cid] = f"node {node}: no reply within fl.flower.timeout_s={fcfg.timeout_s:g}"
+                for node, cids in pending.values():
+                    failed.update({cid: f"node {node}: no reply within fl.flower.timeout_s={fcfg.timeout_s:g}"
+                                   for cid in cids})
                 break
             if now > next_check:
                 alive = set(self.grid.get_node_ids())
-                for mid, (cid, node) in list(pending.items()):
+                for mid, (node, cids) in list(pending.items()):
                     if node not in alive:
-                        failed[cid] = f"node {node}: disconnected"
+                        failed.update({cid: f"node {node}: disconnected" for cid in cids})
                         pending.pop(mid)
                         self.roles.pop(node, None)
                 next_check = now + self.liveness_every_s

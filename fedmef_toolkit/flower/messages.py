@@ -1,14 +1,16 @@
 """Flower records for the codec's arrays and settings (the Message API).
 
-A train message (server -> SuperNode), `message_type="train"`:
-    content["model"]  ArrayRecord  the global state, masked weights sparse
-    content["plan"]   ArrayRecord  the plan's tensors (theta_low, ...), bool as bits
-    content["config"] ConfigRecord round, cid, recipe (YAML), arch (JSON),
-                                   sparse_shapes, plan_class/fields/tensors
-Its reply:
-    content["model"]   ArrayRecord  the client's state (sparse) + growth upload
-    content["config"]  ConfigRecord cid, num_samples, loss, steps, grow_layers, logs
-    content["metrics"] MetricRecord num-examples, train_loss (Flower's convention)
+A train message (server -> SuperNode, one per node and round), `message_type="train"`:
+    content["model"]         ArrayRecord  the global state, masked weights sparse (once)
+    content["config"]        ConfigRecord round, cids (the node's clients, in order), recipe (YAML),
+                                          arch (JSON), sparse_shapes
+    content["plan.I"]        ArrayRecord  client I's plan tensors (theta_low, ...), bool as bits
+    content["plan-config.I"] ConfigRecord client I's plan_class/fields/tensors
+Its reply, for each client I of the message:
+    content["model.I"]   ArrayRecord  the client's state (sparse) + growth upload
+    content["config.I"]  ConfigRecord cid, num_samples, loss, steps, grow_layers, logs
+    content["error.I"]   ConfigRecord reason (instead of the two above: that client failed)
+    content["metrics"]   MetricRecord num-examples, train_loss (Flower's convention; all clients)
 A query message ("query") asks a node for its node_config role (partition-id).
 """
 
