@@ -4,7 +4,8 @@
 #   PHASE=mbdw: MobileNetV2 with uncentred depthwise filters, BN vs NSConv, momentum settings
 #   PHASE=sweep: static sparse FedAvg (density 0.1), BN vs NSConv variants, batch 64 and 8
 #   PHASE=headc: centred classifier input at BN's learning rates (MobileNetV2 b64, ResNet18 b8)
-#   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm)
+#   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm;
+#                RUNS= a subset, ENGINE= fl.engine, STATIC=1 adds the ResNet18 batch-64 static pair)
 #   PHASE=step:  bench_step.py (memory and speed of one client step)
 # Needs carry/ (wheels + the CIFAR-10 archive). Results: $OUT/*.md and $OUT/metrics.tgz.
 set -u
@@ -156,10 +157,12 @@ elif [ "$PHASE" = paper ]; then
       --set model.nsconv.center_head=true "${A16[@]}" --set fl.lr=0.3
   fi
   # the shipped recipes; MobileNetV2 on CIFAR-10 (the archive at hand), FedDST with its own settings
-  launch mef_r18 fedmef_resnet18_cifar10.yaml "${P[@]}"
-  launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
-  launch mef_mb fedmef_mobilenetv2_cinic10.yaml "${P[@]}" --set data.dataset=cifar10
-  launch dst_mb feddst_resnet18_cifar10.yaml "${P[@]}" --set model.arch=mobilenetv2
+  RUNS=${RUNS:-mef_r18 dst_r18 mef_mb dst_mb}  # a subset, e.g. RUNS="mef_mb dst_mb"
+  want() { [[ " $RUNS " == *" $1 "* ]]; }
+  want mef_r18 && launch mef_r18 fedmef_resnet18_cifar10.yaml "${P[@]}"
+  want dst_r18 && launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
+  want mef_mb && launch mef_mb fedmef_mobilenetv2_cinic10.yaml "${P[@]}" --set data.dataset=cifar10
+  want dst_mb && launch dst_mb feddst_resnet18_cifar10.yaml "${P[@]}" --set model.arch=mobilenetv2
 elif [ "$PHASE" = step ]; then
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step.json" 2>&1 | tail -12 | tee "$OUT/step.md"
 fi
