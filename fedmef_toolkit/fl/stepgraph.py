@@ -2,7 +2,7 @@
 
 At the batch sizes federated clients use, a training step is bound by the
 CPU launching kernels, not by the GPU running them. Replaying only the
-model's forward and backward from a graph (graphs.py) left the rest of the
+model's forward and backward from a graph (the former fl/graphs.py) left the rest of the
 step eager: the loss, BaE's penalty, masking the gradients, adaptive
 gradient clipping (about six kernels per weight), the two-group SGD update
 and re-masking. On an H200 that held the FedMef recipe at 3,500 samples/s
