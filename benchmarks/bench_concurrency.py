@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from profile_step import timed  # run as a script: benchmarks/ is on sys.path
+
 from fedmef_toolkit.models import get_model
 from fedmef_toolkit.sap import enable_sap
 from fedmef_toolkit.sap.packing import sync_free_packing
@@ -90,14 +92,7 @@ def conv_micro(k: int, channels: int, size: int, batch: int, reps: int = 50) -> 
             F.conv2d(xg, wg, padding=1, groups=k).sum().backward()
 
         for name, fn in (("separate", separate), ("grouped", grouped)):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-            res[f"{name}-{layout}"] = (time.perf_counter() - t0) / reps * 1e3
+            res[f"{name}-{layout}"] = timed(fn, n=reps, warmup=3) * 1e3
     return res
 
 

@@ -83,5 +83,5 @@ def run_rounds(sim) -> list[dict]:
         return run_in_simulation(sim)  # its own handlers: they must outlive ray.init's
     # abandon the round while its clients train; while the server folds their results into the
     # model, finish it (then the loop stops before the next round): no completed work is lost
-    with interrupts.stop_on_signals(immediate=lambda: getattr(sim, "phase", "idle") != "server"):
+    with interrupts.stop_on_signals(immediate=lambda: sim.phase != "server"):
         return sim.run()

@@ -89,6 +89,9 @@ class Simulator:
         self.run_dir = Path(run_dir)
         self.console = console
         self.show_progress = show_progress
+        # what the run is doing: "idle", "clients" (training; the global model untouched) or
+        # "server" (folding results into the model); signals wait for "server" to end
+        self.phase = "idle"
         self.device = resolve_device(recipe.device)
         torch.manual_seed(recipe.seed)
         self.data: DataBundle = load_data(recipe.data, recipe.eval.split, recipe.seed)
