@@ -100,7 +100,7 @@ class GraphedStep:
         self.refused: str | None = None  # why steps run eagerly, once decided
         self.replays = self.eager_steps = self.captures = 0
         self._bound_key = None
-        self._params: tuple = ()
+        self.params: tuple = ()  # the trainable parameters, in the model's order
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key = None
         self._first_step = True
@@ -190,12 +190,12 @@ class GraphedStep:
             return
         self._graph = self._graph_key = None
         params = tuple(p for p in self.model.parameters() if p.requires_grad)
-        if tuple(map(id, params)) != tuple(map(id, self._params)):
+        if tuple(map(id, params)) != tuple(map(id, self.params)):
             dtype = params[0].dtype
             self.lr = torch.zeros((), device=self.device, dtype=dtype)  # the step's learning rate
             self.started = torch.zeros((), device=self.device, dtype=dtype)  # 0: a client's first step
             self.bufs = [torch.zeros_like(p) for p in params] if self.momentum else []
-        self.params = self._params = params
+        self.params = params
         index = {id(p): i for i, p in enumerate(params)}
         self._decay = [i for i, p in enumerate(params) if p.dim() > 1]
         pairs = [(w, m) for w, m in masked_weights(self.model) if id(w) in index]
