@@ -6,21 +6,35 @@
 #   PHASE=headc: centred classifier input at BN's learning rates (MobileNetV2 b64, ResNet18 b8)
 #   PHASE=paper: paper protocol FedMef vs FedDST, ResNet18 and MobileNetV2 (resumable: rerun while warm;
 #                RUNS= a subset, ENGINE= fl.engine, STATIC=1 adds the ResNet18 batch-64 static pair)
+#                MBNOBAE=1 adds MobileNetV2 FedMef with BaE off (60 rounds: its adjustment drops
+#                beside mef_mb's); STEP=1 runs bench_step.py alone first; PACK=1 packs each unfinished
+#                run into $OUT/run-NAME.tar.xz so that a later session can go on: copy those files to
+#                carry/ckpt/ and the next call restores them before resuming
 #   PHASE=step:  bench_step.py (memory and speed of one client step)
-# Needs carry/ (wheels + the CIFAR-10 archive). Results: $OUT/*.md and $OUT/metrics.tgz.
+# Needs carry/ (the CIFAR-10 archive; carry/wheels only where click/rich/pyyaml are missing).
+# Results: $OUT/*.md and $OUT/metrics.tgz (at most 8 files come back).
 set -u
 export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-PHASE=${PHASE:-sweep}; BUDGET=${BUDGET:-540}
-python3 -m pip install --no-index --find-links carry/wheels click rich pyyaml > "$OUT/install.log" 2>&1
-python3 -m pip install --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+PHASE=${PHASE:-sweep}; BUDGET=${BUDGET:-540}  # seconds from here to the runs' stop
+start=$(date +%s)
+python3 -m pip install --no-index --find-links carry/wheels click rich pyyaml > /tmp/install.log 2>&1
+python3 -m pip install --no-deps --no-build-isolation -e . >> /tmp/install.log 2>&1 || tail -5 /tmp/install.log
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 DATA=carry/cifar10-jpeg-train.tar.xz
 R=runs
+mkdir -p $R
+for f in carry/ckpt/run-*.tar.xz; do  # runs packed by an earlier call (PACK=1), unless already here
+  [ -f "$f" ] || continue
+  name=$(basename "$f" .tar.xz); name=${name#run-}
+  [ -d "$R/$name" ] || { tar xJf "$f" -C $R && echo "restored $name (round $(python3 -c "import json;print(json.load(open('$R/$name/checkpoint.json'))['round'])"))"; }
+done
 python3 -c "
 from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load_data
 load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0)" || exit 1
-start=$(date +%s)
+if [ -n "${STEP:-}" ]; then  # alone on the GPU, before any run starts
+  python3 benchmarks/bench_step.py --device cuda --out /tmp/step.json 2>&1 | tail -12 | tee "$OUT/step.md"
+fi
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 COMMON=(--set data.root=$DATA --set output.dir=$R --set precision=bf16 --set output.memory_report=false --no-progress)
 
@@ -163,6 +177,10 @@ elif [ "$PHASE" = paper ]; then
   want dst_r18 && launch dst_r18 feddst_resnet18_cifar10.yaml "${P[@]}"
   want mef_mb && launch mef_mb fedmef_mobilenetv2_cinic10.yaml "${P[@]}" --set data.dataset=cifar10
   want dst_mb && launch dst_mb feddst_resnet18_cifar10.yaml "${P[@]}" --set model.arch=mobilenetv2
+  if [ -n "${MBNOBAE:-}" ]; then  # BaE off, everything else as mef_mb: its adjustment drops beside mef_mb's
+    launch mef_mb_nobae fedmef_mobilenetv2_cinic10.yaml "${P[@]}" --set data.dataset=cifar10 \
+      --set fl.rounds=60 --set method.bae.enabled=false
+  fi
 elif [ "$PHASE" = step ]; then
   python3 benchmarks/bench_step.py --device cuda --out "$OUT/step.json" 2>&1 | tail -12 | tee "$OUT/step.md"
 fi
@@ -181,4 +199,12 @@ for d in sorted(Path(sys.argv[1]).iterdir()):
 PY
 grep -l -i -E "Traceback|Error" $R-*.log 2>/dev/null | head; for f in $(grep -l -i -E "Traceback|Error" $R-*.log 2>/dev/null | head -3); do tail -3 $f; done
 tar czf "$OUT/metrics.tgz" $R/*/metrics.jsonl $R/*/recipe.yaml $R-*.log 2>/dev/null
+if [ -n "${PACK:-}" ]; then  # unfinished runs, for a later machine (see the top of this file)
+  for d in $R/*/; do
+    name=$(basename $d)
+    [ -f "$d/checkpoint.json" ] && [ ! -f "$d/model.safetensors" ] || continue
+    tar cf - -C $R "$name" | xz -T0 -6 > "$OUT/run-$name.tar.xz"
+    echo "packed $name: $(du -h "$OUT/run-$name.tar.xz" | cut -f1)"
+  done
+fi
 echo "left $(left) s"
