@@ -27,6 +27,7 @@ RECIPES=${RECIPES:-resnet18_cifar10.yaml,feddst_resnet18_cifar10.yaml,fedmef_res
 python3 benchmarks/bench_engine.py --data-root "$DATA" --recipes "$RECIPES" --precisions ${PRECISIONS:-bf16} \
   --rounds ${ROUNDS:-3} --max-seconds ${MAX_S:-330} --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" | tail -12 > "$OUT/engine.md"
 cat "$OUT/engine.md"
+[ -n "${NO_CURVES:-}" ] && exit 0
 # 20 rounds, both engines, same seed: accuracy curves (run-to-run noise: GPU kernels differ by stream)
 for e in sequential batched; do
   timeout 200 fedmef train --recipe $R/fedmef_narrow_cifar10.yaml --set data.root=$DATA --set fl.engine=$e \

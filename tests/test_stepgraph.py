@@ -25,11 +25,12 @@ from fedmef_toolkit.fl.agc import adaptive_clip_, agc_weights
 from fedmef_toolkit.fl.client import ClientData, ClientResult, ClientTrainer, client_generator
 from fedmef_toolkit.fl.plan import ClientPlan
 from fedmef_toolkit.fl.simulator import Simulator
-from fedmef_toolkit.fl.stepgraph import GraphedStep, masked_weights
+from fedmef_toolkit.fl.stepgraph import GraphedStep, masked_weights, samples_independent
 from fedmef_toolkit.fl.strategies.feddst import LocalAdjustPlan
 from fedmef_toolkit.fl.strategies.fedmef import BaEPlan, BaESpec
 from fedmef_toolkit.models import get_model
 from fedmef_toolkit.recipe import recipe_from_dict
+from fedmef_toolkit.sap import enable_sap
 from fedmef_toolkit.sparse.adjust import smallest_active
 from fedmef_toolkit.sparse.masks import attach_masks, get_masks, init_masks, prunable_modules
 from fedmef_toolkit.sparse.schedules import round_lr
@@ -151,6 +152,46 @@ def test_momentum_restarts_at_each_client():
             step.step(x, y, 0.1)
         for a, b in zip(ref.parameters(), model.parameters()):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [None, 0.5])
+def test_padded_short_batch_trains_as_the_short_batch(gamma):
+    """A short batch padded with zero-weight samples to the full size (what lets it replay on
+    a GPU) makes the step of the short batch itself: same parameters, momentum and loss."""
+    ref = small_model()
+    if gamma is not None:
+        enable_sap(ref, gamma)  # per-sample selection: padding cannot change the real samples' picks
+    model = copy.deepcopy(ref)
+    kw = dict(batch_size=8, momentum=0.9, weight_decay=5e-3, agc=0.05, autocast=contextlib.nullcontext,
+              cuda_graphs=False)
+    plain, padded = GraphedStep(ref, pad_short_batches=False, **kw), GraphedStep(model, pad_short_batches=True, **kw)
+    for s in (plain, padded):
+        s.begin(ClientPlan(0.1))
+    gen = torch.Generator().manual_seed(3)
+    for i, (n, lr) in enumerate([(8, 0.1), (5, 0.3), (8, 0.05), (1, 0.2), (3, 0.1)]):
+        x, y = torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+        plain.step(x, y, lr)
+        padded.step(x, y, lr)
+        for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"step {i} (batch of {n}) {name}")
+        for a, b in zip(plain.bufs, padded.bufs):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        assert float(padded.loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-6)
+
+
+def test_padding_only_where_the_samples_are_independent():
+    nsconv = small_model()
+    assert samples_independent(nsconv)
+    assert samples_independent(enable_sap(copy.deepcopy(nsconv), 0.5, "per_sample"))
+    assert not samples_independent(enable_sap(copy.deepcopy(nsconv), 0.5, "per_batch"))
+    bn = get_model("cnn4", 4, norm="bn", width=0.25, image_size=8)
+    assert not samples_independent(bn)
+    kw = dict(batch_size=8, momentum=0.0, weight_decay=0.0, agc=0.0, autocast=contextlib.nullcontext,
+              cuda_graphs=False)
+    with pytest.raises(ValueError, match="mixes the samples"):
+        GraphedStep(bn, pad_short_batches=True, **kw)
+    assert not GraphedStep(nsconv, **kw).pads  # default: off on the CPU (padding would only add work)
+    assert not GraphedStep(bn, **kw).pads
 
 
 # -- whole clients against the old loop ------------------------------------------------

@@ -37,13 +37,23 @@ overwrite them, so steps after such a pass replay as before.
 A graph bakes in tensor addresses and Python-side decisions. It is replayed
 only when these are what they were at capture, else the step runs eagerly:
 
-* the batch shape and dtype and the autocast dtype (a client's short last
-  batch runs eagerly);
+* the batch shape and dtype and the autocast dtype;
 * the data_ptrs of every parameter and buffer, and the plan's extra loss
   (its function and `ClientPlan.graph_key()`: e.g. BaE's target masks,
   created per round). When these change the graph is dropped and captured
   again at the next client's first step: only there is no autograd graph of
   an earlier step alive.
+
+A client's short last batch (its size is rarely a multiple of the batch size)
+would break the first rule, and at five local epochs those eager steps took
+about a third of a FedMef round. Where no layer mixes the samples of a batch
+(no BatchNorm; SAP selecting per sample), a short batch is padded with zeros
+to the full size and the loss weights each sample by whether it is real:
+loss = sum(w_i * ce_i) / n_real. Padded samples then get exactly zero
+gradient, the real ones the gradient of the short batch, and the step
+replays. The weighted loss is what every step of such a model computes, so
+eager and replayed steps stay one function. BatchNorm models (whose batch
+statistics padding would change) keep running their short batches eagerly.
 
 Before capturing, the step runs once eagerly with CUDA's sync debugging set
 to "error" (and SAP's sync-free packing, as during capture): a step that
@@ -63,13 +73,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sap.functions import autocast_dtype
+from ..sap.functions import SAPConfig, autocast_dtype
 from ..sap.packing import sync_free_packing
 from ..sparse.masks import prunable_modules
 from .agc import adaptive_clip_, agc_weights
 from .plan import ClientPlan
 
 log = logging.getLogger(__name__)
+
+
+def samples_independent(model: nn.Module) -> bool:
+    """True when no layer of `model` mixes the samples of a training batch (no BatchNorm, SAP
+    selecting per sample): a batch padded with zero-weight samples then trains the real
+    samples exactly as the unpadded batch does."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return False
+        sap = getattr(module, "sap", None)
+        if isinstance(sap, SAPConfig) and not sap.per_sample:
+            return False
+    return True
 
 
 def masked_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,10 +107,16 @@ class GraphedStep:
 
     Per client: `begin(plan)`, then `step(x, y, lr)` per batch; `loss_sum` holds the sum of
     the task losses. Momentum buffers are state of this object (torch.optim.SGD semantics:
-    dampening 0, no Nesterov, weight decay on tensors of dim > 1 only)."""
+    dampening 0, no Nesterov, weight decay on tensors of dim > 1 only).
+
+    `pad_short_batches`: pad batches smaller than `batch_size` with zero-weight samples so
+    that they replay too (see the module docstring); None: on a CUDA device whenever the
+    model's samples are independent (`samples_independent`), off on the CPU, where padding
+    would only add work."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, momentum: float, weight_decay: float, agc: float,
-                 autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None):
+                 autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None,
+                 pad_short_batches: bool | None = None):
         self.model = model
         self.batch_size = batch_size
         self.momentum, self.weight_decay, self.agc = momentum, weight_decay, agc
@@ -97,6 +126,12 @@ class GraphedStep:
         self.stream = stream  # where the graph is captured (None: a private side stream)
         self.plan = ClientPlan(0.0)
         self.loss_sum = torch.zeros((), device=self.device)
+        independent = samples_independent(model)
+        if pad_short_batches and not independent:
+            raise ValueError("pad_short_batches: the model mixes the samples of a batch (BatchNorm or SAP "
+                             "selecting over the batch), so padding would change the real samples' step")
+        self.pads = independent and self.device.type == "cuda" if pad_short_batches is None else pad_short_batches
+        self._count = torch.zeros((), device=self.device)  # real samples in the batch (padded steps)
         self.refused: str | None = None  # why steps run eagerly, once decided
         self.replays = self.eager_steps = self.captures = 0
         self._bound_key = None
@@ -122,6 +157,12 @@ class GraphedStep:
         """One local step on batch (x, y) at learning rate `lr`."""
         first, self._first_step = self._first_step, False
         self._bind()
+        if self.pads:
+            n = x.shape[0]
+            if 0 < n < self.batch_size:  # zeros to the full size, weighted out of the loss
+                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+                y = torch.cat([y, y.new_zeros(self.batch_size - n)])
+            self._count.fill_(n)
         if isinstance(lr, torch.Tensor):  # computed on the device (BaE's step size): no host sync
             self.lr.copy_(lr)
         else:
@@ -138,7 +179,12 @@ class GraphedStep:
     # -- the step: captured, or run eagerly ------------------------------------------------
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with self.autocast():
-            loss = F.cross_entropy(self.model(x), y)
+            logits = self.model(x)
+            if self.pads:  # the mean over the real samples (the first `_count`; the rest are padding)
+                real = torch.arange(x.shape[0], device=x.device) < self._count
+                loss = (F.cross_entropy(logits, y, reduction="none") * real).sum() / self._count
+            else:
+                loss = F.cross_entropy(logits, y)
         extra = self.plan.extra_loss(self.model)
         total = loss if extra is None else loss + extra
         grads = torch.autograd.grad(total, self.params, allow_unused=True)
@@ -271,5 +317,6 @@ class GraphedStep:
             return "CUDA graphs: off"
         if self.refused:
             return f"CUDA graphs: off ({self.refused})"
-        return (f"CUDA graphs: on (whole steps: {self.replays} replayed, {self.eager_steps} eager: short batches; "
+        eager = "" if self.pads else ": short batches"  # padded where the samples are independent
+        return (f"CUDA graphs: on (whole steps: {self.replays} replayed, {self.eager_steps} eager{eager}; "
                 f"{self.captures} captures)")
