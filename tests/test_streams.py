@@ -129,14 +129,15 @@ def test_whole_runs_match_sequential(tmp_path):
 # -- engine selection and capacity ----------------------------------------------------
 
 
-def test_auto_is_sequential_and_batched_is_the_streams_engine(tmp_path):
+def test_auto_is_sequential_on_the_cpu_and_batched_on_a_gpu(tmp_path):
     sim = simulator(tmp_path)
     x = sim.augment.normalize(sim.train_x[:2])
     assert select_engine("auto", sim.model, x)[0] == "sequential"
     assert select_engine("batched", sim.model, x) == ("batched", "fl.engine: batched")
     assert sim.engine_name == "sequential" and "CPU" in sim.engine_reason
-    cuda_like = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # auto: sequential on GPUs too, for now
-    assert select_engine("auto", sim.model, cuda_like)[0] == "sequential"
+    cuda_like = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    name, why = select_engine("auto", sim.model, cuda_like)
+    assert name == "batched" and "measured" not in why and "1.6-1.7x" in why
     assert isinstance(build_engine("batched", sim.trainer, 0, 2), StreamsEngine)
 
 
