@@ -137,7 +137,7 @@ def test_auto_is_sequential_on_the_cpu_and_batched_on_a_gpu(tmp_path):
     assert sim.engine_name == "sequential" and "CPU" in sim.engine_reason
     cuda_like = SimpleNamespace(device=SimpleNamespace(type="cuda"))
     name, why = select_engine("auto", sim.model, cuda_like)
-    assert name == "batched" and "measured" not in why and "1.6-1.7x" in why
+    assert name == "batched" and "the sequential engine" in why  # the log says why
     assert isinstance(build_engine("batched", sim.trainer, 0, 2), StreamsEngine)
 
 
