@@ -136,19 +136,20 @@ def test_replayed_steps_are_bitwise_eager_steps(arch, norm, density, gamma):
     sum of a replayed step equal those of the same step run eagerly, bit for bit."""
     dev = torch.device("cuda")
     models = [make_model(arch, norm, density, gamma, dev).train() for _ in range(2)]
+    pads = norm != "bn"  # the eager step pads its short batch as the graphed one does: the same function
     steps = [GraphedStep(m, batch_size=8, momentum=0.9, weight_decay=5e-4, agc=0.16, autocast=contextlib.nullcontext,
-                         cuda_graphs=graphs) for m, graphs in zip(models, (False, True))]
+                         cuda_graphs=graphs, pad_short_batches=pads) for m, graphs in zip(models, (False, True))]
     gen = torch.Generator(device=dev).manual_seed(0)
     for s in steps:
         s.begin(ClientPlan(0.1))
-    for i, lr in enumerate([0.1, 0.05, 0.2, 0.1]):
-        x, y = torch.randn(8, 3, 16, 16, device=dev, generator=gen), torch.randint(0, 4, (8,), device=dev, generator=gen)
+    for i, (n, lr) in enumerate([(8, 0.1), (8, 0.05), (5, 0.2), (8, 0.1)]):  # a short batch of 5
+        x, y = torch.randn(n, 3, 16, 16, device=dev, generator=gen), torch.randint(0, 4, (n,), device=dev, generator=gen)
         for s in steps:
             s.step(x, y, lr)
         eager, graphed = ([*m.state_dict().values(), *s.bufs, s.loss_sum] for m, s in zip(models, steps))
         worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(eager, graphed))
         assert worst == 0.0, f"step {i}: largest difference {worst:.3g}"
-    assert steps[1].replays == 4 and steps[1].refused is None
+    assert steps[1].replays == (4 if pads else 3) and steps[1].refused is None
 
 
 @cuda

@@ -25,7 +25,7 @@ from fedmef_toolkit.fl.agc import adaptive_clip_, agc_weights
 from fedmef_toolkit.fl.client import ClientData, ClientResult, ClientTrainer, client_generator
 from fedmef_toolkit.fl.plan import ClientPlan
 from fedmef_toolkit.fl.simulator import Simulator
-from fedmef_toolkit.fl.stepgraph import GraphedStep, masked_weights, samples_independent
+from fedmef_toolkit.fl.stepgraph import GraphedStep, batch_mixing_layer, masked_weights
 from fedmef_toolkit.fl.strategies.feddst import LocalAdjustPlan
 from fedmef_toolkit.fl.strategies.fedmef import BaEPlan, BaESpec
 from fedmef_toolkit.models import get_model
@@ -181,16 +181,21 @@ def test_padded_short_batch_trains_as_the_short_batch(gamma):
 
 def test_padding_only_where_the_samples_are_independent():
     nsconv = small_model()
-    assert samples_independent(nsconv)
-    assert samples_independent(enable_sap(copy.deepcopy(nsconv), 0.5, "per_sample"))
-    assert not samples_independent(enable_sap(copy.deepcopy(nsconv), 0.5, "per_batch"))
+    assert batch_mixing_layer(nsconv) is None
+    assert batch_mixing_layer(enable_sap(copy.deepcopy(nsconv), 0.5, "per_sample")) is None
+    per_batch = enable_sap(copy.deepcopy(nsconv), 0.5, "per_batch")
+    assert getattr(batch_mixing_layer(per_batch), "sap", None) is not None
     bn = get_model("cnn4", 4, norm="bn", width=0.25, image_size=8)
-    assert not samples_independent(bn)
+    assert isinstance(batch_mixing_layer(bn), nn.BatchNorm2d)
+    assert isinstance(batch_mixing_layer(nn.Sequential(nsconv, nn.Dropout(0.1))), nn.Dropout)
+    assert isinstance(batch_mixing_layer(nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True))),
+                      nn.InstanceNorm2d)
+    assert batch_mixing_layer(nn.Sequential(nsconv, nn.InstanceNorm2d(3))) is None  # per-sample statistics
     kw = dict(batch_size=8, momentum=0.0, weight_decay=0.0, agc=0.0, autocast=contextlib.nullcontext,
               cuda_graphs=False)
-    with pytest.raises(ValueError, match="mixes the samples"):
+    with pytest.raises(ValueError, match="BatchNorm2d mixes the samples"):
         GraphedStep(bn, pad_short_batches=True, **kw)
-    assert not GraphedStep(nsconv, **kw).pads  # default: off on the CPU (padding would only add work)
+    assert not GraphedStep(nsconv, **kw).pads  # default: only with CUDA graphs (padding would only add work)
     assert not GraphedStep(bn, **kw).pads
 
 

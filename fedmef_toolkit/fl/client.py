@@ -79,7 +79,7 @@ class ClientTrainer:
         return self.stepper.status()
 
     def steps_per_epoch(self, n: int) -> int:
-        # A trailing batch of one sample is dropped: BatchNorm cannot train on it.
+        # A trailing batch of one sample is dropped (BatchNorm cannot train on it), in every model alike.
         full, rest = divmod(n, self.batch_size)
         return full + (1 if rest > 1 else 0)
 
