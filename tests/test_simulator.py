@@ -155,3 +155,49 @@ def test_evaluation_does_not_depend_on_how_the_split_is_chunked():
     for bs in (7, 64):
         acc, loss = ev.evaluate(model, x, y, norm, batch_size=bs)
         assert acc == whole[0] and abs(loss - whole[1]) < 1e-5
+
+
+def _trainer(n_total: int, batch: int, epochs: int, augment: bool):
+    from fedmef_toolkit.data.augment import DeviceAugment
+    from fedmef_toolkit.fl.client import ClientTrainer
+
+    x = torch.randint(0, 256, (n_total, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n_total)  # labels name the sample: batches show which samples they hold
+    aug = DeviceAugment(torch.full((3,), 0.5), torch.full((3,), 0.25), enabled=augment)
+    return ClientTrainer(x, y, aug, epochs=epochs, batch_size=batch, momentum=0.0, weight_decay=0.0)
+
+
+def test_client_batches_cover_each_epoch_once_in_the_generators_order():
+    from fedmef_toolkit.fl.client import ClientData, client_generator
+
+    for n, sizes in [(23, [8, 8, 7]), (17, [8, 8]), (16, [8, 8])]:  # a trailing batch of one is dropped
+        tr = _trainer(100, 8, 3, augment=False)
+        client = ClientData(4, torch.arange(100)[torch.randperm(100, generator=torch.Generator().manual_seed(n))[:n]])
+        runs = [list(tr.batches(client, client_generator(0, 2, 4, torch.device("cpu")), 3)) for _ in range(2)]
+        epochs = [runs[0][i * len(sizes):(i + 1) * len(sizes)] for i in range(3)]
+        assert [x.shape[0] for x, _ in runs[0]] == sizes * 3 and len(runs[0]) == tr.total_steps(n)
+        for epoch in epochs:
+            seen = torch.cat([y for _, y in epoch])
+            assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(client.indices.tolist())
+            assert len(seen) == (n if n % 8 != 1 else n - 1)
+            for x, y in epoch:  # images are those samples' images
+                torch.testing.assert_close(x, tr.augment.normalize(tr.train_x[y]))
+        assert not torch.equal(torch.cat([y for _, y in epochs[0]]), torch.cat([y for _, y in epochs[1]]))
+        for (x0, y0), (x1, y1) in zip(*runs):  # same generator, same batches
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        first = list(tr.batches(client, client_generator(0, 2, 4, torch.device("cpu")), 2, steps=1))
+        assert [x.shape[0] for x, _ in first] == [sizes[0]] * 2
+
+
+def test_augmented_batches_are_crops_and_flips_of_their_samples():
+    from fedmef_toolkit.fl.client import ClientData, client_generator
+
+    tr = _trainer(40, 8, 1, augment=True)
+    client = ClientData(0, torch.arange(40))
+    for x, y in tr.batches(client, client_generator(0, 1, 0, torch.device("cpu")), 1):
+        clean = tr.augment.normalize(tr.train_x[y])
+        padded = torch.nn.functional.pad(clean, (4, 4, 4, 4))
+        for img, src in zip(x, padded):  # each image is some 8x8 window of its padded source, maybe flipped
+            windows = src.unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4)  # (9, 9, 3, 8, 8)
+            hits = [(windows - cand).abs().amax(dim=(2, 3, 4)).min() for cand in (img, img.flip(2))]
+            assert min(hits) < 1e-6

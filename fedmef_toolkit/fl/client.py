@@ -86,13 +86,19 @@ class ClientTrainer:
     def total_steps(self, n: int) -> int:
         return self.epochs * self.steps_per_epoch(n)
 
-    def batches(self, client: ClientData, gen: torch.Generator, epochs: int):
-        n = client.num_samples
+    def batches(self, client: ClientData, gen: torch.Generator, epochs: int, steps: int | None = None):
+        """The client's (augmented images, labels) batches for `epochs` epochs (only the first
+        `steps` batches of each, if given). Each epoch's batches are drawn, gathered and augmented
+        at once (a few kernels per epoch, not per step: at federated batch sizes the host issuing
+        work is what limits a GPU) and handed out as views, one batch at a time."""
+        n, b = client.num_samples, self.batch_size
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen, device=gen.device).to(client.indices.device)
-            for s in range(self.steps_per_epoch(n)):
-                idx = client.indices[order[s * self.batch_size:(s + 1) * self.batch_size]]
-                yield self.augment.train(self.train_x[idx], gen), self.train_y[idx]
+            take = self.steps_per_epoch(n) if steps is None else min(steps, self.steps_per_epoch(n))
+            idx = client.indices[order[:take * b]]
+            x, y = self.augment.train(self.train_x[idx], gen), self.train_y[idx]
+            for s in range(take):
+                yield x[s * b:(s + 1) * b], y[s * b:(s + 1) * b]
 
     def start(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator,
               step: GraphedStep | None = None) -> LocalTraining:
@@ -121,13 +127,11 @@ class ClientTrainer:
         model.zero_grad(set_to_none=True)
         n = client.num_samples
         count = 0
-        for x, y in self.batches(client, gen, 1):
+        for x, y in self.batches(client, gen, 1, steps=None if full else 1):
             with self.autocast():
                 loss = F.cross_entropy(model(x), y, reduction="sum") / n
             loss.backward()
             count += x.shape[0]
-            if not full:
-                break
         grads = {}
         for name, m in modules.items():
             m.capture_effective_grad = False
