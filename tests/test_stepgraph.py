@@ -179,6 +179,24 @@ def test_padded_short_batch_trains_as_the_short_batch(gamma):
         assert float(padded.loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-6)
 
 
+def test_a_mask_registered_anew_within_a_client_is_the_one_applied():
+    """The step re-reads what it works on when a tensor is replaced (here a mask buffer
+    assigned anew mid-client, not changed in place): its update applies the new mask."""
+    model = small_model()
+    step = GraphedStep(model, batch_size=8, momentum=0.0, weight_decay=0.0, agc=0.0,
+                       autocast=contextlib.nullcontext, cuda_graphs=False)
+    step.begin(ClientPlan(0.1))
+    gen = torch.Generator().manual_seed(4)
+    batch = lambda: (torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+    step.step(*batch(), 0.1)
+    conv = next(m for m in prunable_modules(model).values() if getattr(m, "weight_mask", None) is not None)
+    new = conv.weight_mask.clone()
+    new.view(-1)[new.view(-1).nonzero()[::2]] = False  # half the active entries pruned
+    conv.weight_mask = new  # a new tensor under the same name
+    step.step(*batch(), 0.1)
+    assert not conv.weight[~new].any() and conv.weight[new].any()
+
+
 def test_padding_only_where_the_samples_are_independent():
     nsconv = small_model()
     assert batch_mixing_layer(nsconv) is None

@@ -146,6 +146,7 @@ class GraphedStep:
         self.replays = self.eager_steps = self.captures = 0
         self.eager_why: dict[str, int] = {}  # why steps ran eagerly, with CUDA graphs on
         self._bound_key = None
+        self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key = None
@@ -157,6 +158,7 @@ class GraphedStep:
         Call after `plan.begin` (which may create the tensors its extra loss reads)."""
         self.plan = plan
         self._first_step = True
+        self._find_tensors()
         self._bind()
         with torch.no_grad():
             self.loss_sum.zero_()
@@ -238,10 +240,16 @@ class GraphedStep:
                 torch._foreach_mul_([self.bufs[i] for i, _ in masked], masks)
 
     # -- what the step reads ------------------------------------------------------------
+    def _find_tensors(self) -> None:
+        """Each module's registered parameters and buffers (the dicts themselves, so a tensor
+        registered anew under a name is seen): reading these per step costs a fifth of
+        model.parameters() + model.buffers() (26 vs 145 us for ResNet18 on the 2-core CPU).
+        Refreshed at each client's start, where a change in the modules themselves is seen."""
+        self._tensor_dicts = [d for m in self.model.modules() for d in (m._parameters, m._buffers)]
+
     def _binding_key(self) -> tuple:
-        return (tuple(t.data_ptr() for t in self.model.parameters()),
-                tuple(t.data_ptr() for t in self.model.buffers()),
-                type(self.plan).extra_loss, self.plan.graph_key())
+        ptrs = tuple(t.data_ptr() for d in self._tensor_dicts for t in d.values() if t is not None)
+        return ptrs, type(self.plan).extra_loss, self.plan.graph_key()
 
     def _bind(self) -> None:
         """(Re)collect the tensors the step works on when any of them changed; a graph that
