@@ -168,10 +168,13 @@ def _trainer(n_total: int, batch: int, epochs: int, augment: bool):
 
 
 def test_client_batches_cover_each_epoch_once_in_the_generators_order():
-    from fedmef_toolkit.fl.client import ClientData, client_generator
+    from fedmef_toolkit.fl.client import CHUNK_STEPS, ClientData, client_generator
 
-    for n, sizes in [(23, [8, 8, 7]), (17, [8, 8]), (16, [8, 8])]:  # a trailing batch of one is dropped
-        tr = _trainer(100, 8, 3, augment=False)
+    cases = [(23, 8, [8, 8, 7]), (17, 8, [8, 8]), (16, 8, [8, 8]),  # a trailing batch of one is dropped
+             (70, 4, [4] * 17 + [2])]  # more steps than one chunk of batches
+    assert len(cases[-1][2]) > CHUNK_STEPS
+    for n, b, sizes in cases:
+        tr = _trainer(100, b, 3, augment=False)
         client = ClientData(4, torch.arange(100)[torch.randperm(100, generator=torch.Generator().manual_seed(n))[:n]])
         runs = [list(tr.batches(client, client_generator(0, 2, 4, torch.device("cpu")), 3)) for _ in range(2)]
         epochs = [runs[0][i * len(sizes):(i + 1) * len(sizes)] for i in range(3)]
@@ -179,25 +182,65 @@ def test_client_batches_cover_each_epoch_once_in_the_generators_order():
         for epoch in epochs:
             seen = torch.cat([y for _, y in epoch])
             assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(client.indices.tolist())
-            assert len(seen) == (n if n % 8 != 1 else n - 1)
+            assert len(seen) == (n if n % b != 1 else n - 1)
             for x, y in epoch:  # images are those samples' images
                 torch.testing.assert_close(x, tr.augment.normalize(tr.train_x[y]))
         assert not torch.equal(torch.cat([y for _, y in epochs[0]]), torch.cat([y for _, y in epochs[1]]))
         for (x0, y0), (x1, y1) in zip(*runs):  # same generator, same batches
             assert torch.equal(x0, x1) and torch.equal(y0, y1)
-        first = list(tr.batches(client, client_generator(0, 2, 4, torch.device("cpu")), 2, steps=1))
-        assert [x.shape[0] for x, _ in first] == [sizes[0]] * 2
+        for steps in (1, len(sizes) + 5):  # the first batches of each epoch; at most an epoch's
+            part = list(tr.batches(client, client_generator(0, 2, 4, torch.device("cpu")), 2, steps=steps))
+            assert [x.shape[0] for x, _ in part] == sizes[:steps] * 2
 
 
-def test_augmented_batches_are_crops_and_flips_of_their_samples():
+def test_augmented_batches_are_random_crops_and_flips_of_their_samples():
     from fedmef_toolkit.fl.client import ClientData, client_generator
 
-    tr = _trainer(40, 8, 1, augment=True)
-    client = ClientData(0, torch.arange(40))
-    for x, y in tr.batches(client, client_generator(0, 1, 0, torch.device("cpu")), 1):
-        clean = tr.augment.normalize(tr.train_x[y])
-        padded = torch.nn.functional.pad(clean, (4, 4, 4, 4))
-        for img, src in zip(x, padded):  # each image is some 8x8 window of its padded source, maybe flipped
+    tr = _trainer(200, 8, 1, augment=True)
+    client = ClientData(0, torch.arange(200))
+    gen = lambda: client_generator(0, 1, 0, torch.device("cpu"))
+    offsets, flips = set(), 0
+    runs = [list(tr.batches(client, gen(), 1)) for _ in range(2)]
+    for (x, y), (x2, y2) in zip(*runs):
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # the generator decides everything
+        padded = torch.nn.functional.pad(tr.augment.normalize(tr.train_x[y]), (4, 4, 4, 4))
+        for img, src in zip(x, padded):  # each image: one 8x8 window of its padded source, maybe flipped
             windows = src.unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4)  # (9, 9, 3, 8, 8)
-            hits = [(windows - cand).abs().amax(dim=(2, 3, 4)).min() for cand in (img, img.flip(2))]
-            assert min(hits) < 1e-6
+            for flipped, cand in enumerate((img, img.flip(2))):
+                err = (windows - cand).abs().amax(dim=(2, 3, 4))
+                if err.min() < 1e-6:
+                    offsets.add(divmod(int(err.argmin()), 9))
+                    flips += flipped
+                    break
+            else:
+                raise AssertionError("an augmented image is no crop of its sample")
+    assert len(offsets) > 20 and (4, 4) in offsets  # random offsets (uncropped among them)
+    assert 0.3 < flips / 200 < 0.7  # about half flipped
+
+
+def test_growth_gradient_pass_reads_one_batch_or_the_whole_epoch(tmp_path):
+    """effective_weight_grads(full=False) uses the client's first batch, scaled to the client;
+    full=True every batch of one epoch: each equals the gradient computed from those batches
+    (compared where the weights are active: there the effective weight's gradient is the
+    weight's)."""
+    from fedmef_toolkit.fl.client import ClientData, client_generator
+    from fedmef_toolkit.sparse.masks import prunable_modules
+
+    sim = Simulator(recipe_from_dict(small_recipe(tmp_path, **{"method.name": "fedavg_sparse"})),
+                    tmp_path / "runs" / "g", show_progress=False)
+    tr, model = sim.trainer, sim.model
+    cid = max(range(len(sim.client_indices)), key=lambda c: len(sim.client_indices[c]))
+    client = ClientData(cid, sim.client_indices[cid])
+    assert tr.steps_per_epoch(client.num_samples) > 1
+    for full in (False, True):
+        got = tr.effective_weight_grads(model, client, client_generator(0, 3, cid, torch.device("cpu")), full)
+        model.zero_grad(set_to_none=True)
+        used = list(tr.batches(client, client_generator(0, 3, cid, torch.device("cpu")), 1, steps=None if full else 1))
+        assert len(used) == (tr.steps_per_epoch(client.num_samples) if full else 1)
+        count = sum(x.shape[0] for x, _ in used)
+        for x, y in used:
+            torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        for name, m in prunable_modules(model).items():  # active entries: the weight's own gradient
+            active = m.weight_mask.bool()
+            torch.testing.assert_close(got[name][active], m.weight.grad[active] / count, rtol=1e-4, atol=1e-7)
+        model.zero_grad(set_to_none=True)

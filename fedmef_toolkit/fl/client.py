@@ -14,6 +14,10 @@ from .plan import ClientPlan
 from .stepgraph import GraphedStep
 
 
+#: local steps whose batches are gathered and augmented together (`ClientTrainer.batches`)
+CHUNK_STEPS = 16
+
+
 @dataclass
 class ClientData:
     """One client's share of the training set; indices point into the device-resident data."""
@@ -88,17 +92,20 @@ class ClientTrainer:
 
     def batches(self, client: ClientData, gen: torch.Generator, epochs: int, steps: int | None = None):
         """The client's (augmented images, labels) batches for `epochs` epochs (only the first
-        `steps` batches of each, if given). Each epoch's batches are drawn, gathered and augmented
-        at once (a few kernels per epoch, not per step: at federated batch sizes the host issuing
-        work is what limits a GPU) and handed out as views, one batch at a time."""
+        `steps` batches of each, if given). Batches are drawn, gathered and augmented
+        `CHUNK_STEPS` at a time (a few kernels per chunk, not per step: at federated batch sizes
+        the host issuing work is what limits a GPU; chunks bound the memory a large client
+        needs) and handed out as views, one batch at a time."""
         n, b = client.num_samples, self.batch_size
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen, device=gen.device).to(client.indices.device)
             take = self.steps_per_epoch(n) if steps is None else min(steps, self.steps_per_epoch(n))
-            idx = client.indices[order[:take * b]]
-            x, y = self.augment.train(self.train_x[idx], gen), self.train_y[idx]
-            for s in range(take):
-                yield x[s * b:(s + 1) * b], y[s * b:(s + 1) * b]
+            for first in range(0, take, CHUNK_STEPS):
+                count = min(CHUNK_STEPS, take - first)
+                idx = client.indices[order[first * b:(first + count) * b]]
+                x, y = self.augment.train(self.train_x[idx], gen), self.train_y[idx]
+                for s in range(count):
+                    yield x[s * b:(s + 1) * b], y[s * b:(s + 1) * b]
 
     def start(self, model: nn.Module, client: ClientData, plan: ClientPlan, gen: torch.Generator,
               step: GraphedStep | None = None) -> LocalTraining:

@@ -33,7 +33,9 @@ class ClientPlan:
         return ()
 
     def at_step(self, step: int, model: nn.Module, trainer, client, gen) -> None:
-        """Called before local step `step` (e.g. FedDST's mid-training mask change)."""
+        """Called before local step `step` (e.g. FedDST's mid-training mask change). It may
+        change tensors in place or register new ones under existing names; it must not add,
+        remove or replace modules (the step collects the modules once per client)."""
 
     def step_lr(self, step: int, model: nn.Module) -> float | torch.Tensor:
         """Learning rate of local step `step` (0-based): a float, or a 0-dim tensor on the

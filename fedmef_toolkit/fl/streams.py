@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .client import ClientData, ClientResult, ClientTrainer, client_generator
+from .client import CHUNK_STEPS, ClientData, ClientResult, ClientTrainer, client_generator
 from .stepgraph import GraphedStep
 
 #: clients trained at once on the CPU at most (the engine is for GPUs; on the CPU it interleaves
@@ -67,8 +67,9 @@ class Worker:
 
 def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     """Estimated memory one more client at once needs: weights, gradients, momentum and
-    buffers, and twice the activations a step saves for backward (its graph's pool; twice
-    for workspace)."""
+    buffers, twice the activations a step saves for backward (its graph's pool; twice
+    for workspace), and four times a chunk of augmented batches (`ClientTrainer.batches`:
+    the chunk and its temporaries while it is augmented)."""
     from ..memory.measure import saved_tensor_bytes
 
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -77,7 +78,8 @@ def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     y = trainer.train_y[:trainer.batch_size]
     dtype = torch.bfloat16 if trainer.precision == "bf16" and x.is_cuda else None
     saved = saved_tensor_bytes(probe, x, y, dtype)
-    return 4 * state + 2 * (saved["activations"] + saved["weight_derived"])
+    chunk = 4 * CHUNK_STEPS * x.numel() * x.element_size()  # x: one normalised batch
+    return 4 * state + 2 * (saved["activations"] + saved["weight_derived"]) + chunk
 
 
 def clients_at_once(trainer: ClientTrainer, model: nn.Module, max_clients: int) -> tuple[int, str]:
