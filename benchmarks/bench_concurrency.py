@@ -6,7 +6,12 @@ Two measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
    models, each captured once in a CUDA graph, replayed one after another on
    one stream vs each on its own CUDA stream (concurrent kernels).
 2. One 3x3 conv layer of K clients: K separate convs vs one grouped conv
-   (groups=K, what `fl.engine: batched` does), NCHW vs channels-last.
+   (groups=K), NCHW vs channels-last.
+3. The ceiling of a stacked engine: K clients' ResNet18s as one network of
+   grouped convolutions (`StackedResNet18`: weight-standardised, masked at
+   density 0.1, residual branches scaled by 0.2, a grouped classifier), its
+   whole SGD step for all K clients in one CUDA graph, NCHW vs channels-last.
+   No SAP: what it would cost there is part 1's SAP-vs-no-SAP difference.
 
     python benchmarks/bench_concurrency.py                  # GPU only
     python benchmarks/bench_concurrency.py --archs resnet18,resnet_narrow --clients 1,2,4,8
@@ -55,6 +60,79 @@ def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cu
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with sync_free_packing(), torch.cuda.graph(graph, stream=stream):
+        step()
+    return graph
+
+
+class StackedConv(torch.nn.Module):
+    """K clients' convs as one grouped conv; each output channel's weight masked and
+    standardised (mean 0, variance 1/fan-in, times a gain), as NSConv does per client."""
+
+    def __init__(self, k: int, cin: int, cout: int, size: int, stride: int = 1, density: float = 0.1):
+        super().__init__()
+        self.k, self.stride, self.pad = k, stride, size // 2
+        self.weight = torch.nn.Parameter(torch.randn(k * cout, cin, size, size))
+        self.gain = torch.nn.Parameter(torch.ones(k * cout, 1, 1, 1))
+        self.register_buffer("mask", (torch.rand_like(self.weight) < density).float())
+        self.fan_in = cin * size * size
+
+    def forward(self, x):
+        w = self.weight * self.mask
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) * torch.rsqrt(var * self.fan_in + 1e-4) * self.gain
+        return F.conv2d(x, w.to(x.dtype), None, self.stride, self.pad, groups=self.k)
+
+
+class StackedResNet18(torch.nn.Module):
+    """K CIFAR ResNet18s side by side: input (B, K*3, H, W) -> logits (B, K, classes)."""
+
+    def __init__(self, k: int, classes: int = 10, alpha: float = 0.2):
+        super().__init__()
+        self.k, self.alpha, self.classes = k, alpha, classes
+        self.stem = StackedConv(k, 3, 64, 3)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
+            short = StackedConv(k, cin, cout, 1, stride) if (stride, cin) != (1, cout) else None
+            blocks.append(torch.nn.ModuleList([StackedConv(k, cin, cout, 3, stride), StackedConv(k, cout, cout, 3),
+                                               short or torch.nn.Identity()]))
+            cin = cout
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.head = torch.nn.Parameter(torch.randn(k * classes, 512, 1, 1) * 512 ** -0.5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for conv1, conv2, short in self.blocks:
+            h = short(h) + self.alpha * conv2(F.relu(conv1(F.relu(h))))
+        pooled = F.adaptive_avg_pool2d(F.relu(h), 1)
+        return F.conv2d(pooled, self.head.to(pooled.dtype), groups=self.k).view(x.shape[0], self.k, self.classes)
+
+
+def stacked_step(k: int, batch: int, channels_last: bool, stream: torch.cuda.Stream, device="cuda"):
+    """StackedResNet18's SGD step for K clients (their losses summed), captured as one CUDA graph
+    (on a CUDA device; elsewhere the step function itself, for checking shapes)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = StackedResNet18(k).to(device).to(memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(batch, 3 * k, 32, 32, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 10, (batch, k), device=device)
+
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, cache_enabled=False):
+            logits = model(x).float()
+        F.cross_entropy(logits.reshape(-1, model.classes), y.reshape(-1), reduction="sum").div(batch).backward()
+        opt.step()
+
+    if device == "cpu":
+        return step
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph, stream=stream):
         step()
     return graph
 
@@ -120,6 +198,17 @@ def main() -> None:
             print(f"| {arch} | {k} | {n / seq:,.0f} | {n / con:,.0f} | {seq / con:.2f}x |", flush=True)
         del graphs
         torch.cuda.empty_cache()
+    print("\n| stacked ResNet18 (one graph, grouped convs, no SAP) | clients | samples/s NCHW | samples/s channels-last |")
+    print("|---|---:|---:|---:|")
+    stream = torch.cuda.Stream()
+    for k in (int(v) for v in args.clients.split(",")):
+        rates = []
+        for channels_last in (False, True):
+            graph = stacked_step(k, args.batch, channels_last, stream)
+            rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
+            del graph
+            torch.cuda.empty_cache()
+        print(f"| resnet18 | {k} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
     print("\n| conv 3x3, K=10 clients | ms separate NCHW | grouped NCHW | separate NHWC | grouped NHWC |")
     print("|---|---:|---:|---:|---:|")
     for ch, size in ((64, 32), (128, 16), (256, 8), (512, 4)):

@@ -3,7 +3,7 @@
 # sequential one, one process alone on the GPU, real CIFAR-10, paper protocol of the shipped
 # recipes; then a 20-round accuracy curve of both engines (narrow ResNet FedMef).
 #   bash benchmarks/gpu_issue10.sh           # from the repository root; needs carry/ (wheels, archive)
-#   TESTS=1 runs the CUDA tests first; NO_CURVES=1 skips the curves; RECIPES, ROUNDS, MAX_S, PRECISIONS
+#   TESTS=1 runs the CUDA tests first; CONC=1 bench_concurrency.py (streams vs stacked network); NO_CURVES=1 skips the curves; RECIPES, ROUNDS, MAX_S, PRECISIONS
 # Results: $OUT/engine.md, $OUT/engine.json, $OUT/curves.md.
 set -u
 export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
@@ -15,6 +15,10 @@ if [ -n "${TESTS:-}" ]; then  # the CUDA tests first (graphs, streams, padded sh
   python3 -m pip install -q --no-index --find-links carry/wheels pytest >> "$OUT/install.log" 2>&1
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_streams.py \
     tests/test_stepgraph.py 2>&1 | tail -15 > "$OUT/tests.txt"; tail -3 "$OUT/tests.txt"
+fi
+if [ -n "${CONC:-}" ]; then  # streams vs a stacked (grouped-conv) network, one graph: the ceiling of each
+  (cd benchmarks && timeout 300 python3 bench_concurrency.py --archs resnet18 --clients 1,4,10) 2>&1 \
+    | tee "$OUT/concurrency.md" | tail -14
 fi
 R=/tmp/gpu10; rm -rf $R; mkdir -p $R
 python3 - "$R" <<'PY'
