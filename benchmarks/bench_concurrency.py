@@ -51,6 +51,11 @@ def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cu
         loss.backward()
         opt.step()
 
+    return capture(step, opt, stream)
+
+
+def capture(step, opt: torch.optim.Optimizer, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """`step` (forward, backward, opt.step()) warmed up on `stream`, then captured as one graph."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
@@ -122,19 +127,7 @@ def stacked_step(k: int, batch: int, channels_last: bool, stream: torch.cuda.Str
         F.cross_entropy(logits.reshape(-1, model.classes), y.reshape(-1), reduction="sum").div(batch).backward()
         opt.step()
 
-    if device == "cpu":
-        return step
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph, stream=stream):
-        step()
-    return graph
+    return step if device == "cpu" else capture(step, opt, stream)
 
 
 def time_replays(graphs, streams, concurrent: bool, reps: int) -> float:
