@@ -142,6 +142,7 @@ class GraphedStep:
         else:
             self.pads = pad_short_batches
         self._count = torch.zeros((), device=self.device)  # real samples in the batch (padded steps)
+        self._count_value = 0  # what `_count` holds: it is written only when the batch size changes
         self.refused: str | None = None  # why steps run eagerly, once decided
         self.replays = self.eager_steps = self.captures = 0
         self.eager_why: dict[str, int] = {}  # why steps ran eagerly, with CUDA graphs on
@@ -176,7 +177,9 @@ class GraphedStep:
                 # zeros to the full size (so that the graph replays), weighted out of the loss
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
                 y = torch.cat([y, y.new_zeros(self.batch_size - n)])
-            self._count.fill_(n)
+            if n != self._count_value:  # full batches leave it as it is: no kernel per step
+                self._count.fill_(n)
+                self._count_value = n
         if isinstance(lr, torch.Tensor):  # computed on the device (BaE's step size): no host sync
             self.lr.copy_(lr)
         else:
