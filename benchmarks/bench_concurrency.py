@@ -12,9 +12,15 @@ Two measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
    density 0.1, residual branches scaled by 0.2, a grouped classifier), its
    whole SGD step for all K clients in one CUDA graph, NCHW vs channels-last.
    No SAP: what it would cost there is part 1's SAP-vs-no-SAP difference.
+4. The bound of any engine that trains K clients together: ONE model's whole
+   step at batch K x 64, captured in one CUDA graph. K clients' steps do the
+   same arithmetic on different weights, so no client batching (grouped convs,
+   vmap, streams) can beat one dense model on the concatenated batch. Plain
+   BatchNorm ResNet18 (the cheapest) and the FedMef model (NSConv, masks, SAP).
 
     python benchmarks/bench_concurrency.py                  # GPU only
     python benchmarks/bench_concurrency.py --archs resnet18,resnet_narrow --clients 1,2,4,8
+    python benchmarks/bench_concurrency.py --parts 4 --clients 1,10,40   # the bound alone
 """
 
 from __future__ import annotations
@@ -33,16 +39,19 @@ from fedmef_toolkit.sap.packing import sync_free_packing
 from fedmef_toolkit.sparse.masks import apply_masks, attach_masks, init_masks
 
 
-def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cuda.Stream):
+def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cuda.Stream,
+                  density: float = 0.1, channels_last: bool = False):
     """A client model whose whole SGD step is one CUDA graph; returns replay()."""
-    model = get_model(arch, 10, norm=norm).cuda()
-    attach_masks(model, {k: v.cuda() for k, v in init_masks(model, 0.1, "erk", "random", 0).items()})
-    apply_masks(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = get_model(arch, 10, norm=norm).cuda().to(memory_format=fmt)
+    if density < 1:
+        attach_masks(model, {k: v.cuda() for k, v in init_masks(model, density, "erk", "random", 0).items()})
+        apply_masks(model)
     if sap:
         enable_sap(model, sap)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    x = torch.randn(batch, 3, 32, 32, device="cuda").to(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device="cuda")
 
     def step():
@@ -167,6 +176,65 @@ def conv_micro(k: int, channels: int, size: int, batch: int, reps: int = 50) -> 
     return res
 
 
+def part_streams(args) -> None:
+    print("| model | clients | one stream samples/s | K streams samples/s | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for arch in args.archs.split(","):
+        kmax = max(args.k)
+        streams = [torch.cuda.Stream() for _ in range(kmax)]
+        graphs = [captured_step(arch, args.norm, args.sap, args.batch, s) for s in streams]
+        for k in args.k:
+            seq = time_replays(graphs[:k], streams[:k], False, args.reps)
+            con = time_replays(graphs[:k], streams[:k], True, args.reps)
+            n = k * args.reps * args.batch
+            print(f"| {arch} | {k} | {n / seq:,.0f} | {n / con:,.0f} | {seq / con:.2f}x |", flush=True)
+        del graphs
+        torch.cuda.empty_cache()
+
+
+def part_stacked(args) -> None:
+    print("\n| stacked ResNet18 (one graph, grouped convs, no SAP) | clients | samples/s NCHW | samples/s channels-last |")
+    print("|---|---:|---:|---:|")
+    stream = torch.cuda.Stream()
+    for k in args.k:
+        rates = []
+        for channels_last in (False, True):
+            graph = stacked_step(k, args.batch, channels_last, stream)
+            rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
+            del graph
+            torch.cuda.empty_cache()
+        print(f"| resnet18 | {k} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
+
+
+def part_conv(args) -> None:
+    print("\n| conv 3x3, K=10 clients | ms separate NCHW | grouped NCHW | separate NHWC | grouped NHWC |")
+    print("|---|---:|---:|---:|---:|")
+    for ch, size in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        r = conv_micro(10, ch, size, args.batch)
+        print(f"| {ch} ch, {size}x{size} | {r['separate-nchw']:.2f} | {r['grouped-nchw']:.2f} | "
+              f"{r['separate-nhwc']:.2f} | {r['grouped-nhwc']:.2f} |", flush=True)
+
+
+def part_bound(args) -> None:
+    print("\n| one ResNet18 at batch K x 64 (the bound of batching K clients) | K | batch | samples/s NCHW "
+          "| samples/s channels-last |")
+    print("|---|---:|---:|---:|---:|")
+    stream = torch.cuda.Stream()
+    for label, norm, sap, density in (("BatchNorm, dense", "bn", 0.0, 1.0),
+                                      ("NSConv, density 0.1, SAP 0.5", "nsconv", args.sap, 0.1)):
+        for k in args.k:
+            rates = []
+            for channels_last in (False, True):
+                graph = captured_step("resnet18", norm, sap, k * args.batch, stream, density, channels_last)
+                rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
+                del graph
+                torch.cuda.empty_cache()
+            print(f"| {label} | {k} | {k * args.batch} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
+
+
+PARTS = {1: part_streams, 2: part_conv, 3: part_stacked, 4: part_bound}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="resnet18,resnet_narrow")
@@ -175,39 +243,13 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--parts", default="1,3,2,4", help="which measurements, in this order (see above)")
     args = ap.parse_args()
+    args.k = [int(v) for v in args.clients.split(",")]
     torch.backends.cudnn.benchmark = True
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    print("| model | clients | one stream samples/s | K streams samples/s | speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for arch in args.archs.split(","):
-        kmax = max(int(k) for k in args.clients.split(","))
-        streams = [torch.cuda.Stream() for _ in range(kmax)]
-        graphs = [captured_step(arch, args.norm, args.sap, args.batch, s) for s in streams]
-        for k in (int(v) for v in args.clients.split(",")):
-            seq = time_replays(graphs[:k], streams[:k], False, args.reps)
-            con = time_replays(graphs[:k], streams[:k], True, args.reps)
-            n = k * args.reps * args.batch
-            print(f"| {arch} | {k} | {n / seq:,.0f} | {n / con:,.0f} | {seq / con:.2f}x |", flush=True)
-        del graphs
-        torch.cuda.empty_cache()
-    print("\n| stacked ResNet18 (one graph, grouped convs, no SAP) | clients | samples/s NCHW | samples/s channels-last |")
-    print("|---|---:|---:|---:|")
-    stream = torch.cuda.Stream()
-    for k in (int(v) for v in args.clients.split(",")):
-        rates = []
-        for channels_last in (False, True):
-            graph = stacked_step(k, args.batch, channels_last, stream)
-            rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
-            del graph
-            torch.cuda.empty_cache()
-        print(f"| resnet18 | {k} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
-    print("\n| conv 3x3, K=10 clients | ms separate NCHW | grouped NCHW | separate NHWC | grouped NHWC |")
-    print("|---|---:|---:|---:|---:|")
-    for ch, size in ((64, 32), (128, 16), (256, 8), (512, 4)):
-        r = conv_micro(10, ch, size, args.batch)
-        print(f"| {ch} ch, {size}x{size} | {r['separate-nchw']:.2f} | {r['grouped-nchw']:.2f} | "
-              f"{r['separate-nhwc']:.2f} | {r['grouped-nhwc']:.2f} |", flush=True)
+    for part in args.parts.split(","):
+        PARTS[int(part)](args)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,36 @@ def build(recipe_name: str, engine: str, precision: str, args, out_dir: Path) ->
     return Simulator(recipe, out_dir / f"{recipe.name}-{engine}-{precision}", show_progress=False)
 
 
+def profiled_round(sim: Simulator, t: int, path: Path) -> dict:
+    """Round t under torch.profiler: where its wall time goes (host vs GPU), written to `path`:
+    the GPU's busy time (kernels, merged over streams) against the round's wall time, then the
+    operators with the most GPU time and with the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sim.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        row = sim.run_round(t)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    busy, end = 0, None
+    for a, b in spans:  # the union of kernel intervals (streams overlap)
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = (f"round {t}: wall {row['time_s']:.3f} s under the profiler, GPU busy {busy / 1e6:.3f} s "
+            f"({busy / 1e6 / max(row['time_s'], 1e-9):.0%}), {len(spans)} GPU events\n")
+    avg = prof.key_averages()
+    path.write_text(head + "\nby GPU time\n" + avg.table(sort_by="self_cuda_time_total" if spans else "self_cpu_time_total",
+                                                           row_limit=25)
+                    + "\nby host time\n" + avg.table(sort_by="self_cpu_time_total", row_limit=25))
+    print("  profile: " + head.strip(), flush=True)
+    return row
+
+
 def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> dict:
     sim = build(recipe_name, engine, precision, args, out_dir)
     cuda = sim.device.type == "cuda"
@@ -79,7 +109,10 @@ def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) 
         if cuda and t == 2:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(sim.device)
-        row = sim.run_round(t)  # synchronises at its end on CUDA
+        if args.profile and t == args.rounds:
+            row = profiled_round(sim, t, Path(args.profile) / f"{Path(recipe_name).stem}-{engine}-{precision}.txt")
+        else:
+            row = sim.run_round(t)  # synchronises at its end on CUDA
         times.append(row["time_s"])
         samples.append(row["samples"])
         print(f"  round {t}: {row['samples']} samples in {row['time_s']:.2f} s ({row['samples_per_s']:.0f}/s), "
@@ -109,6 +142,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     ap.add_argument("--max-seconds", type=float, default=540.0, help="start no configuration after this")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--profile", metavar="DIR", help="profile each configuration's last round: DIR/<recipe>-<engine>-<precision>.txt")
     args = ap.parse_args()
     cached_load_data()
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 # sequential one, one process alone on the GPU, real CIFAR-10, paper protocol of the shipped
 # recipes; then a 20-round accuracy curve of both engines (narrow ResNet FedMef).
 #   bash benchmarks/gpu_issue10.sh           # from the repository root; needs carry/ (wheels, archive)
-#   TESTS=1 runs the CUDA tests first; CONC=1 bench_concurrency.py (streams vs stacked network); NO_CURVES=1 skips the curves; RECIPES, ROUNDS, MAX_S, PRECISIONS
+#   TESTS=1 runs the CUDA tests first; CONC=1 bench_concurrency.py (streams vs stacked network; CONC_ARGS);
+#   NO_CURVES=1 skips the curves; RECIPES, ROUNDS, MAX_S, PRECISIONS, ENGINE_ARGS (more bench_engine.py options)
 # Results: $OUT/engine.md, $OUT/engine.json, $OUT/curves.md.
 set -u
 export PYTHONUNBUFFERED=1 FEDMEF_CACHE=/tmp/fedmef-cache
@@ -17,7 +18,7 @@ if [ -n "${TESTS:-}" ]; then  # the CUDA tests first (graphs, streams, padded sh
     tests/test_stepgraph.py 2>&1 | tail -15 > "$OUT/tests.txt"; tail -3 "$OUT/tests.txt"
 fi
 if [ -n "${CONC:-}" ]; then  # streams vs a stacked (grouped-conv) network, one graph: the ceiling of each
-  (cd benchmarks && timeout 300 python3 bench_concurrency.py --archs resnet18 --clients 1,4,10) 2>&1 \
+  (cd benchmarks && timeout 300 python3 bench_concurrency.py ${CONC_ARGS:---archs resnet18 --clients 1,4,10}) 2>&1 \
     | tee "$OUT/concurrency.md" | tail -14
 fi
 R=/tmp/gpu10; rm -rf $R; mkdir -p $R
@@ -35,7 +36,7 @@ for name, path, change in [("fedmef_mobilenetv2_cifar10", "fedmef_mobilenetv2_ci
 PY
 RECIPES=${RECIPES:-resnet18_cifar10.yaml,feddst_resnet18_cifar10.yaml,fedmef_resnet18_cifar10.yaml,$R/fedmef_mobilenetv2_cifar10.yaml,$R/fedmef_narrow_cifar10.yaml}
 python3 benchmarks/bench_engine.py --data-root "$DATA" --recipes "$RECIPES" --precisions ${PRECISIONS:-bf16} \
-  --rounds ${ROUNDS:-3} --max-seconds ${MAX_S:-330} --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" | tail -12 > "$OUT/engine.md"
+  --rounds ${ROUNDS:-3} --max-seconds ${MAX_S:-330} --json "$OUT/engine.json" ${ENGINE_ARGS:-} 2>&1 | tee "$OUT/engine.log" | tail -12 > "$OUT/engine.md"
 cat "$OUT/engine.md"
 [ -n "${NO_CURVES:-}" ] && exit 0
 # 20 rounds, both engines, same seed: accuracy curves (run-to-run noise: GPU kernels differ by stream)

@@ -118,10 +118,11 @@ def test_graphed_training_matches_eager(arch, norm, density, gamma, precision, a
             # padded and replayed too, except in a BatchNorm model (batch statistics)
             expected = (10, 2, 1) if norm == "bn" else (12, 0, 1)
             assert (step.replays, step.eager_steps, step.captures) == expected
-            assert step.pads == (norm != "bn")
             assert f"{expected[0]} replayed" in trainer.graph_status()
         else:
             assert (step.replays, step.eager_steps) == (0, 12)
+        # on CUDA the short batch is padded with graphs on or off: the same function
+        assert step.pads == (norm != "bn")
     eager, eager_again, graphed = states
     tol = None if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
     assert_same_states(graphed, eager, eager_again, tol)

@@ -213,7 +213,7 @@ def test_padding_only_where_the_samples_are_independent():
               cuda_graphs=False)
     with pytest.raises(ValueError, match="BatchNorm2d mixes the samples"):
         GraphedStep(bn, pad_short_batches=True, **kw)
-    assert not GraphedStep(nsconv, **kw).pads  # default: only with CUDA graphs (padding would only add work)
+    assert not GraphedStep(nsconv, **kw).pads  # default: not on the CPU (padding would only add work)
     assert not GraphedStep(bn, **kw).pads
 
 

@@ -48,14 +48,16 @@ A client's short last batch (its size is rarely a multiple of the batch size)
 would break the first rule: at five local epochs 90 of a FedMef round's 770
 steps ran eagerly for it (H200, paper protocol). Where no layer mixes the
 samples of a batch (`batch_mixing_layer` finds no BatchNorm, no instance norm
-with running statistics, no dropout, no SAP selecting over the batch) and graphs are on,
+with running statistics, no dropout, no SAP selecting over the batch) on a CUDA device,
 a short batch is padded with zeros to the full size and the loss weights each
 sample by whether it is real: loss = sum(w_i * ce_i) / n_real. The padded
 samples contribute exactly nothing, the real ones give the short batch's
 gradient (up to float rounding), and the step replays. Such a model computes
 the weighted loss at every step, so eager and replayed steps stay one
-function. BatchNorm models (whose batch statistics padding would change)
-keep running their short batches eagerly.
+function, and so does the same model with CUDA graphs off (turning graphs off
+changes no number). BatchNorm models (whose batch statistics padding would
+change) keep running their short batches eagerly. The CPU does not pad: there
+it would only add work.
 
 Before capturing, the step runs once eagerly with CUDA's sync debugging set
 to "error" (and SAP's sync-free packing, as during capture): a step that
@@ -117,9 +119,9 @@ class GraphedStep:
     dampening 0, no Nesterov, weight decay on tensors of dim > 1 only).
 
     `pad_short_batches`: pad batches smaller than `batch_size` with zero-weight samples so
-    that they replay too (see the module docstring); None: whenever CUDA graphs are on and
-    the model's samples are independent (`batch_mixing_layer`); off without graphs (the
-    CPU), where padding would only add work."""
+    that they replay too (see the module docstring); None: on a CUDA device whenever the
+    model's samples are independent (`batch_mixing_layer`), CUDA graphs on or off (so the
+    graphs change no number); off on the CPU, where padding would only add work."""
 
     def __init__(self, model: nn.Module, *, batch_size: int, momentum: float, weight_decay: float, agc: float,
                  autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None,
@@ -138,7 +140,7 @@ class GraphedStep:
             raise ValueError(f"pad_short_batches: {type(mixing).__name__} mixes the samples of a batch, so "
                              "padding would change the real samples' step")
         if pad_short_batches is None:
-            self.pads = mixing is None and self.cuda_graphs
+            self.pads = mixing is None and self.device.type == "cuda"
         else:
             self.pads = pad_short_batches
         self._count = torch.zeros((), device=self.device)  # real samples in the batch (padded steps)
