@@ -39,7 +39,8 @@ TOTAL=$((WARM + ROUNDS))
 SET=(--set fl.rounds=$TOTAL --set data.root=$CIFAR --set eval.every=$TOTAL --set output.checkpoint_every=$TOTAL)
 
 run_case() {  # $1: label, $2: number of SuperNodes (one per GPU)
-  local label=$1 n=$2 port=$((9300 + n)) app="$OUT/app-$n" run="$OUT/run-$n" pids=()
+  local label=$1 n=$2
+  local port=$((9300 + n)) app="$OUT/app-$n" run="$OUT/run-$n" pids=()
   fedmef flower app fedmef_resnet18_cifar10.yaml -o "$app" --min-nodes "$n" "${SET[@]}" >/dev/null
   sed -i "s/127.0.0.1:9093/127.0.0.1:$port/" "$app/flwr_home/config.toml"
   export FLWR_HOME="$app/flwr_home"
