@@ -1,10 +1,11 @@
 """Which mechanism can train a round's clients together fast on one GPU? (issue 10)
 
-Two measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
+Four measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
 
 1. Whole training steps (forward, backward, SGD) of K independent client
    models, each captured once in a CUDA graph, replayed one after another on
-   one stream vs each on its own CUDA stream (concurrent kernels).
+   one stream vs each on its own CUDA stream (concurrent kernels), with the
+   host's time to issue one replay, and with one host thread per stream.
 2. One 3x3 conv layer of K clients: K separate convs vs one grouped conv
    (groups=K), NCHW vs channels-last.
 3. The ceiling of a stacked engine: K clients' ResNet18s as one network of
@@ -13,10 +14,11 @@ Two measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
    whole SGD step for all K clients in one CUDA graph, NCHW vs channels-last.
    No SAP: what it would cost there is part 1's SAP-vs-no-SAP difference.
 4. The bound of any engine that trains K clients together: ONE model's whole
-   step at batch K x 64, captured in one CUDA graph. K clients' steps do the
-   same arithmetic on different weights, so no client batching (grouped convs,
-   vmap, streams) can beat one dense model on the concatenated batch. Plain
-   BatchNorm ResNet18 (the cheapest) and the FedMef model (NSConv, masks, SAP).
+   step at batch K x 64 (each of `--archs`), captured in one CUDA graph. K
+   clients' steps do the same arithmetic on different weights, so no client
+   batching (grouped convs, vmap, streams) can beat one model on the
+   concatenated batch. The plain dense BatchNorm model (the cheapest) and the
+   FedMef model (NSConv, masks at density 0.1, SAP).
 
     python benchmarks/bench_concurrency.py                  # GPU only
     python benchmarks/bench_concurrency.py --archs resnet18,resnet_narrow --clients 1,2,4,8
@@ -139,7 +141,9 @@ def stacked_step(k: int, batch: int, channels_last: bool, stream: torch.cuda.Str
     return step if device == "cpu" else capture(step, opt, stream)
 
 
-def time_replays(graphs, streams, concurrent: bool, reps: int) -> float:
+def time_replays(graphs, streams, concurrent: bool, reps: int, host: list | None = None) -> float:
+    """Seconds for `reps` replays of every graph (one after another, or each on its stream);
+    `host` gets the seconds the host took to issue them (before waiting for the GPU)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -149,6 +153,30 @@ def time_replays(graphs, streams, concurrent: bool, reps: int) -> float:
                     g.replay()
             else:
                 g.replay()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    if host is not None:
+        host.append(issued - t0)
+    return time.perf_counter() - t0
+
+
+def time_threaded_replays(graphs, streams, reps: int) -> float:
+    """As time_replays(concurrent=True), but each stream's replays issued by its own host
+    thread (CUDAGraph.replay releases the GIL): does issuing graphs limit the streams?"""
+    import threading
+
+    def worker(g, s):
+        with torch.cuda.stream(s):
+            for _ in range(reps):
+                g.replay()
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=gs) for gs in zip(graphs, streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -177,17 +205,21 @@ def conv_micro(k: int, channels: int, size: int, batch: int, reps: int = 50) -> 
 
 
 def part_streams(args) -> None:
-    print("| model | clients | one stream samples/s | K streams samples/s | speed-up |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | clients | one stream samples/s | K streams samples/s | speed-up | host ms per replay "
+          "| K streams, K host threads samples/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for arch in args.archs.split(","):
         kmax = max(args.k)
         streams = [torch.cuda.Stream() for _ in range(kmax)]
         graphs = [captured_step(arch, args.norm, args.sap, args.batch, s) for s in streams]
         for k in args.k:
             seq = time_replays(graphs[:k], streams[:k], False, args.reps)
-            con = time_replays(graphs[:k], streams[:k], True, args.reps)
+            host = []
+            con = time_replays(graphs[:k], streams[:k], True, args.reps, host)
+            thr = time_threaded_replays(graphs[:k], streams[:k], args.reps)
             n = k * args.reps * args.batch
-            print(f"| {arch} | {k} | {n / seq:,.0f} | {n / con:,.0f} | {seq / con:.2f}x |", flush=True)
+            print(f"| {arch} | {k} | {n / seq:,.0f} | {n / con:,.0f} | {seq / con:.2f}x | "
+                  f"{host[0] * 1e3 / (k * args.reps):.3f} | {n / thr:,.0f} |", flush=True)
         del graphs
         torch.cuda.empty_cache()
 
@@ -216,20 +248,21 @@ def part_conv(args) -> None:
 
 
 def part_bound(args) -> None:
-    print("\n| one ResNet18 at batch K x 64 (the bound of batching K clients) | K | batch | samples/s NCHW "
+    print("\n| one model at batch K x 64 (the bound of batching K clients) | K | batch | samples/s NCHW "
           "| samples/s channels-last |")
     print("|---|---:|---:|---:|---:|")
     stream = torch.cuda.Stream()
-    for label, norm, sap, density in (("BatchNorm, dense", "bn", 0.0, 1.0),
-                                      ("NSConv, density 0.1, SAP 0.5", "nsconv", args.sap, 0.1)):
-        for k in args.k:
-            rates = []
-            for channels_last in (False, True):
-                graph = captured_step("resnet18", norm, sap, k * args.batch, stream, density, channels_last)
-                rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
-                del graph
-                torch.cuda.empty_cache()
-            print(f"| {label} | {k} | {k * args.batch} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
+    for arch in args.archs.split(","):
+        for label, norm, sap, density in (("BatchNorm, dense", "bn", 0.0, 1.0),
+                                          ("NSConv, density 0.1, SAP", "nsconv", args.sap, 0.1)):
+            for k in args.k:
+                rates = []
+                for channels_last in (False, True):
+                    graph = captured_step(arch, norm, sap, k * args.batch, stream, density, channels_last)
+                    rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
+                    del graph
+                    torch.cuda.empty_cache()
+                print(f"| {arch}, {label} | {k} | {k * args.batch} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
 
 
 PARTS = {1: part_streams, 2: part_conv, 3: part_stacked, 4: part_bound}
