@@ -101,6 +101,27 @@ def profiled_round(sim: Simulator, t: int, path: Path) -> dict:
     return row
 
 
+def host_profiled_round(sim: Simulator, t: int, path: Path) -> dict:
+    """Round t under cProfile (Python functions only, no GPU tracing): where the host spends
+    the round, written to `path` (the 30 functions with the most cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    row = sim.run_round(t)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+    buf.write("\n")
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"round {t}: wall {row['time_s']:.3f} s under cProfile\n" + buf.getvalue())
+    print(f"  host profile: round {t}, wall {row['time_s']:.3f} s under cProfile -> {path}", flush=True)
+    return row
+
+
 def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> dict:
     sim = build(recipe_name, engine, precision, args, out_dir)
     cuda = sim.device.type == "cuda"
@@ -111,6 +132,8 @@ def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) 
             torch.cuda.reset_peak_memory_stats(sim.device)
         if args.profile and t == args.rounds:
             row = profiled_round(sim, t, Path(args.profile) / f"{Path(recipe_name).stem}-{engine}-{precision}.txt")
+        elif args.host_profile and t == args.rounds:
+            row = host_profiled_round(sim, t, Path(args.host_profile) / f"{Path(recipe_name).stem}-{engine}-{precision}.txt")
         else:
             row = sim.run_round(t)  # synchronises at its end on CUDA
         times.append(row["time_s"])
@@ -142,6 +165,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     ap.add_argument("--max-seconds", type=float, default=540.0, help="start no configuration after this")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--host-profile", metavar="DIR", help="cProfile each configuration's last round: DIR/<recipe>-<engine>-<precision>.txt")
     ap.add_argument("--profile", metavar="DIR", help="profile each configuration's last round: DIR/<recipe>-<engine>-<precision>.txt")
     args = ap.parse_args()
     cached_load_data()

@@ -60,6 +60,7 @@ def both_engines(sim: Simulator, t: int, max_clients: int = 0):
 
 def assert_same_updates(seq, streams, tol=0.0):
     assert len({r.steps for r in seq}) > 1  # unequal client sizes, so unequal numbers of steps
+    assert all(type(r.loss) is float for r in seq + streams)  # engines return the losses read
     assert [r.cid for r in seq] == [r.cid for r in streams]
     for a, b in zip(seq, streams):
         assert (a.num_samples, a.steps, a.logs) == (b.num_samples, b.steps, b.logs)
@@ -196,6 +197,41 @@ def test_streams_on_cuda_match_sequential(tmp_path, over):
     assert sum(w.step.replays for w in engine.workers) > 0, engine.status()
     assert all(w.step.refused is None for w in engine.workers), engine.status()
     assert_same_updates(seq, streams, tol=1e-4)
+
+
+@cuda
+def test_streams_round_syncs_the_host_once(tmp_path):
+    """Inside a round the host waits for the GPU once, at the end, where it reads the clients'
+    losses: a wait in the middle (e.g. reading a finished client's loss) would stop the host
+    issuing the other clients' steps while it waits for one stream."""
+    import warnings
+
+    sim = simulator(tmp_path, **{**FEDMEF, "model.arch": "resnet_narrow", "model.width": 0.5, "device": "cuda",
+                                 "fl.clients_per_round": 4})
+    engine = StreamsEngine(sim.trainer, sim.recipe.seed, 4)
+
+    def run(t, checked=False):
+        sim.strategy.begin_round(t, sim.model)  # the server's part: outside the engine's round
+        lr = round_lr(t, sim.recipe.fl.rounds, sim.recipe.fl.lr, sim.recipe.fl.lr_schedule, sim.recipe.fl.lr_decay)
+        clients = [ClientData(c, sim.client_indices[c]) for c in sim.sample_clients(t)]
+        plans = [sim.strategy.client_plan(t, lr, sim.model) for _ in clients]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn" if checked else 0)
+            try:
+                results = engine.run_round(t, sim.model, clients, iter(plans).__next__)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return results, caught
+
+    run(1)  # captures the graphs (capturing synchronises)
+    assert sim.strategy._extruding(3)  # BaE's penalty and per-step step size in the checked round
+    results, caught = run(3, checked=True)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message)[:120] for w in syncs]
+    assert all(type(r.loss) is float for r in results)
+    assert sum(w.step.replays for w in engine.workers) > 0, engine.status()
 
 
 @cuda

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .client import CHUNK_STEPS, ClientData, ClientResult, ClientTrainer, client_generator
+from .client import CHUNK_STEPS, ClientData, ClientResult, ClientTrainer, client_generator, read_losses
 from .stepgraph import GraphedStep
 
 #: clients trained at once on the CPU at most (the engine is for GPUs; on the CPU it interleaves
@@ -165,12 +165,13 @@ class StreamsEngine:
                     if run.step():
                         still.append((i, w, run))
                     else:
-                        results[i] = run.finish()
+                        results[i] = run.finish(read_loss=False)  # no host sync mid-round
                         free.append(w)
             running = still
         for w in workers:
             if w.stream is not None:
                 ambient.wait_stream(w.stream)
+        read_losses(results)
         return results
 
     def status(self) -> str:
