@@ -207,11 +207,12 @@ def test_streams_round_syncs_the_host_once(tmp_path):
     import warnings
 
     sim = simulator(tmp_path, **{**FEDMEF, "model.arch": "resnet_narrow", "model.width": 0.5, "device": "cuda",
-                                 "fl.clients_per_round": 4})
+                                 "fl.clients_per_round": 4, "method.bae.rounds": 2})  # BaE in rounds 3 and 4
     engine = StreamsEngine(sim.trainer, sim.recipe.seed, 4)
 
     def run(t, checked=False):
         sim.strategy.begin_round(t, sim.model)  # the server's part: outside the engine's round
+        assert sim.strategy._extruding(t)  # BaE's penalty and per-step step size, new targets at round 3
         lr = round_lr(t, sim.recipe.fl.rounds, sim.recipe.fl.lr, sim.recipe.fl.lr_schedule, sim.recipe.fl.lr_decay)
         clients = [ClientData(c, sim.client_indices[c]) for c in sim.sample_clients(t)]
         plans = [sim.strategy.client_plan(t, lr, sim.model) for _ in clients]
@@ -225,13 +226,13 @@ def test_streams_round_syncs_the_host_once(tmp_path):
                 torch.cuda.set_sync_debug_mode(0)
         return results, caught
 
-    run(1)  # captures the graphs (capturing synchronises)
-    assert sim.strategy._extruding(3)  # BaE's penalty and per-step step size in the checked round
+    run(1)  # captures the graphs (capturing synchronises); round 3 finds them (BaE's targets rewritten in place)
     results, caught = run(3, checked=True)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == 1, [str(w.message)[:120] for w in syncs]
     assert all(type(r.loss) is float for r in results)
     assert sum(w.step.replays for w in engine.workers) > 0, engine.status()
+    assert sum(w.step.captures for w in engine.workers) == len(engine.workers), engine.status()
 
 
 @cuda
