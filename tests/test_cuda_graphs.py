@@ -169,6 +169,13 @@ def test_in_place_mask_change_is_seen_by_the_graph():
         assert not states[True][k[: -len("_mask")]][m == 0].any()
 
 
+def one_nsconv_client(dev, graphs: bool):
+    """(trainer, CNN4 NSConv model with masks and SAP, a client of all the trainer's samples)."""
+    trainer = make_trainer(dev, graphs)
+    model = make_model("cnn4", "nsconv", 0.3, 0.5, dev)
+    return trainer, model, ClientData(0, torch.arange(trainer.train_x.shape[0], device=dev))
+
+
 @cuda
 def test_gradient_passes_between_replays_and_bae():
     """FedDST's growth-gradient pass (eager, through .grad) in the middle of a client, and
@@ -177,10 +184,7 @@ def test_gradient_passes_between_replays_and_bae():
     dev = torch.device("cuda")
     states, steppers = {}, {}
     for graphs in (False, True):
-        trainer = make_trainer(dev, graphs)
-        model = make_model("cnn4", "nsconv", 0.3, 0.5, dev)
-        n = trainer.train_x.shape[0]
-        client = ClientData(0, torch.arange(n, device=dev))
+        trainer, model, client = one_nsconv_client(dev, graphs)
         out = []
         out.append(trainer.train(model, client, LocalAdjustPlan(0.01, 0.3, False), client_generator(0, 1, 0, dev)))
         mods = prunable_modules(model)
@@ -205,10 +209,7 @@ def test_graphs_are_kept_per_plan_key():
     dev = torch.device("cuda")
     states, steppers = {}, {}
     for graphs in (False, True):
-        trainer = make_trainer(dev, graphs)
-        model = make_model("cnn4", "nsconv", 0.3, 0.5, dev)
-        n = trainer.train_x.shape[0]
-        client = ClientData(0, torch.arange(n, device=dev))
+        trainer, model, client = one_nsconv_client(dev, graphs)
         mods = prunable_modules(model)
         low, out, captures = None, [], []
         for r, kind in enumerate(["plain", "bae", "plain", "bae", "bae2", "plain"], 1):
