@@ -200,36 +200,6 @@ def test_gradient_passes_between_replays_and_bae():
         assert_same_states(graphed, eager)
 
 
-@cuda
-def test_graphs_are_kept_per_plan_key():
-    """FedMef's rounds alternate between clients without an extra loss and clients with BaE's
-    penalty, whose targets are rewritten in place each window: each finds its graph again
-    (two captures for four rounds), and replayed training equals eager training. A third
-    plan key evicts the least recently used graph (GRAPHS_KEPT = 2)."""
-    dev = torch.device("cuda")
-    states, steppers = {}, {}
-    for graphs in (False, True):
-        trainer, model, client = one_nsconv_client(dev, graphs)
-        mods = prunable_modules(model)
-        low, out, captures = None, [], []
-        for r, kind in enumerate(["plain", "bae", "plain", "bae", "bae2", "plain"], 1):
-            if kind == "plain":
-                plan = ClientPlan(0.01)
-            else:
-                new = {k: smallest_active(m.weight, m.weight_mask, 4 if kind == "bae" else 3) for k, m in mods.items()}
-                low = new if low is None else {k: low[k].copy_(v) for k, v in new.items()}  # in place, as FedMef
-                lam = 0.1 if kind == "bae" else 0.2  # another key (lam is baked in)
-                plan = BaEPlan(0.01, None, False, low, BaESpec(lam=lam, psi=100.0), lr0=0.05, window_offset=0)
-            out.append(trainer.train(model, client, plan, client_generator(0, r, 0, dev)))
-            captures.append(trainer.stepper.captures)
-        states[graphs], steppers[graphs] = [o.state for o in out], (trainer.stepper, captures)
-    g, captures = steppers[True]
-    # plain, bae: captured; plain, bae: found again; bae2: a third key evicts plain; plain: captured again
-    assert g.refused is None and captures == [1, 2, 2, 2, 3, 4]
-    for graphed, eager in zip(states[True], states[False]):
-        assert_same_states(graphed, eager)
-
-
 class SyncingPlan(ClientPlan):
     """An extra loss that synchronises the host (.item()): a graph cannot contain it."""
 

@@ -38,17 +38,11 @@ A graph bakes in tensor addresses and Python-side decisions. It is replayed
 only when these are what they were at capture, else the step runs eagerly:
 
 * the batch shape and dtype and the autocast dtype;
-* the data_ptrs of every parameter and buffer: when these change every
-  graph is dropped;
-* the plan's extra loss (its function and `ClientPlan.graph_key()`: e.g.
-  BaE's target masks). Graphs are kept per plan key (`GRAPHS_KEPT`, least
-  recently used first out): FedMef alternates between clients with BaE's
-  penalty and clients without it, and each finds its graph again instead of
-  capturing anew (capturing synchronises the host with the GPU and runs a
-  step eagerly, about the cost of a round's first steps).
-
-A missing graph is captured at a client's first step: only there is no
-autograd graph of an earlier step alive.
+* the data_ptrs of every parameter and buffer, and the plan's extra loss
+  (its function and `ClientPlan.graph_key()`: e.g. BaE's target masks,
+  created per round). When these change the graph is dropped and captured
+  again at the next client's first step: only there is no autograd graph of
+  an earlier step alive.
 
 A client's short last batch (its size is rarely a multiple of the batch size)
 would break the first rule: at five local epochs 90 of a FedMef round's 770
@@ -116,10 +110,6 @@ def masked_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
             if getattr(m, "weight_mask", None) is not None]
 
 
-#: graphs kept per GraphedStep, one per plan key (each holds its own memory pool)
-GRAPHS_KEPT = 2
-
-
 class GraphedStep:
     """One client's local SGD step on `model`: replayed from a CUDA graph where it can be,
     run eagerly (the same function) otherwise. See the module docstring.
@@ -161,9 +151,8 @@ class GraphedStep:
         self._bound_key = None
         self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
-        self._graph: torch.cuda.CUDAGraph | None = None  # the graph of the current key
+        self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key = None
-        self._graphs: dict = {}  # key -> (graph, static x, static y), least recently used first
         self._first_step = True
 
     # -- per client ---------------------------------------------------------------
@@ -268,16 +257,12 @@ class GraphedStep:
         return ptrs, type(self.plan).extra_loss, self.plan.graph_key()
 
     def _bind(self) -> None:
-        """(Re)collect the tensors the step works on when any of them changed; graphs that read
-        the old tensors are dropped (a new plan key only selects another graph)."""
+        """(Re)collect the tensors the step works on when any of them changed; a graph that
+        read the old ones is dropped."""
         key = self._binding_key()
         if key == self._bound_key:
             return
         self._graph = self._graph_key = None
-        if self._bound_key is not None and key[0] == self._bound_key[0]:
-            self._bound_key = key  # the same tensors: the graphs stay valid
-            return
-        self._graphs.clear()
         params = tuple(p for p in self.model.parameters() if p.requires_grad)
         if tuple(map(id, params)) != tuple(map(id, self.params)):
             dtype = params[0].dtype
@@ -299,17 +284,11 @@ class GraphedStep:
             return False
         with self.autocast():
             dtype = autocast_dtype(self.device.type)
-        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, dtype, self._bound_key[1:])
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, dtype)
         if self._graph is None or key != self._graph_key:
-            kept = self._graphs.pop(key, None)
-            if kept is not None:  # captured for this plan key earlier: most recently used now
-                self._graphs[key] = kept
-                self._graph, self._static_x, self._static_y = kept
-                self._graph_key = key
-            elif not first:  # only a client's first step has no earlier autograd graph alive
+            if not first:  # only a client's first step has no earlier autograd graph alive
                 return False
-            else:
-                self._capture(x, y, key)
+            self._capture(x, y, key)
         return self._graph is not None
 
     def _state(self) -> list[torch.Tensor]:
@@ -317,9 +296,7 @@ class GraphedStep:
         return [*self.model.parameters(), *self.model.buffers(), *self.bufs, self.started, self.loss_sum]
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
-        self._graph = None
-        while len(self._graphs) >= GRAPHS_KEPT:  # the least recently used one's memory pool goes first
-            self._graphs.pop(next(iter(self._graphs)))
+        self._graph = None  # frees the old graph's memory pool before capturing anew
         self._static_x, self._static_y = x.detach().clone(), y.detach().clone()
         saved = [t.detach().clone() for t in self._state()]
         if self.stream is None:
@@ -346,7 +323,6 @@ class GraphedStep:
             log.warning("CUDA graphs off for this run: %s", reason)
             return
         self._graph, self._graph_key = graph, key
-        self._graphs[key] = (graph, self._static_x, self._static_y)
         self.captures += 1
 
     def _host_sync_in_step(self) -> str | None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from .client import CHUNK_STEPS, ClientData, ClientResult, ClientTrainer, client_generator, read_losses
-from .stepgraph import GRAPHS_KEPT, GraphedStep
+from .stepgraph import GraphedStep
 
 #: clients trained at once on the CPU at most (the engine is for GPUs; on the CPU it interleaves
 #: clients for nothing but the same results, so a few keep tests quick)
@@ -67,8 +67,8 @@ class Worker:
 
 def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     """Estimated memory one more client at once needs: weights, gradients, momentum and
-    buffers, the activations a step saves for backward once per graph it keeps
-    (`GRAPHS_KEPT` memory pools) and once more for workspace, and four times a chunk of augmented batches (`ClientTrainer.batches`:
+    buffers, twice the activations a step saves for backward (its graph's pool; twice
+    for workspace), and four times a chunk of augmented batches (`ClientTrainer.batches`:
     the chunk and its temporaries while it is augmented)."""
     from ..memory.measure import saved_tensor_bytes
 
@@ -79,7 +79,7 @@ def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     dtype = torch.bfloat16 if trainer.precision == "bf16" and x.is_cuda else None
     saved = saved_tensor_bytes(probe, x, y, dtype)
     chunk = 4 * CHUNK_STEPS * x.numel() * x.element_size()  # x: one normalised batch
-    return 4 * state + (GRAPHS_KEPT + 1) * (saved["activations"] + saved["weight_derived"]) + chunk
+    return 4 * state + 2 * (saved["activations"] + saved["weight_derived"]) + chunk
 
 
 def clients_at_once(trainer: ClientTrainer, model: nn.Module, max_clients: int) -> tuple[int, str]:

@@ -138,17 +138,12 @@ class FedMef(StaticSparse):
             return
         frac = adjustment_fraction(target, sp.alpha, sp.t_end)
         mods = prunable_modules(model)
-        low = {}
+        self.low = {}
         for name, mask in get_masks(model).items():
             if bool(mask.all()):
                 continue  # dense layers (ERK fallback) are not adjusted
             k = swap_count(frac, int(mask.sum()))
-            low[name] = smallest_active(mods[name].weight, mask, k)
-        # written into the previous window's tensors where it can be: the clients' step graphs
-        # read them by address (fl/stepgraph.py), so the next window replays without a new capture
-        old = self.low
-        self.low = {n: old[n].copy_(m) if n in old and (old[n].shape, old[n].dtype, old[n].device)
-                    == (m.shape, m.dtype, m.device) else m for n, m in low.items()}
+            self.low[name] = smallest_active(mods[name].weight, mask, k)
         self.low_round = target
 
     def begin_round(self, t: int, model: nn.Module) -> dict:
