@@ -219,10 +219,6 @@ def test_losses_are_read_once_per_round(tmp_path, monkeypatch):
 
 
 @cuda
-@pytest.mark.xfail(strict=True, reason="more host syncs than the one expected in this round on an H200 with "
-                   "torch 2.11 (13 in a 4-client FedMef round), the first (sync debug mode 'error') in torch.randperm "
-                   "in ClientTrainer.batches; the loss reads are gone. strict: passes once the rest are found and "
-                   "fixed, and must then lose this mark")
 def test_streams_round_syncs_the_host_once(tmp_path):
     """Inside a round the host waits for the GPU once, at the end, where it reads the clients'
     losses: a wait in the middle (e.g. reading a finished client's loss) would stop the host
@@ -236,7 +232,8 @@ def test_streams_round_syncs_the_host_once(tmp_path):
     def run(t, checked=False):
         sim.strategy.begin_round(t, sim.model)  # the server's part: outside the engine's round
         lr = round_lr(t, sim.recipe.fl.rounds, sim.recipe.fl.lr, sim.recipe.fl.lr_schedule, sim.recipe.fl.lr_decay)
-        clients = [ClientData(c, sim.client_indices[c]) for c in sim.sample_clients(t)]
+        # on the device, as the simulator gives them (CPU indices would cost a copy, and a sync, per batch)
+        clients = [ClientData(c, sim.client_indices[c].to(sim.device)) for c in sim.sample_clients(t)]
         plans = [sim.strategy.client_plan(t, lr, sim.model) for _ in clients]
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
