@@ -20,7 +20,7 @@ Four measurements, one process, bf16 autocast, batch 64, CIFAR-sized inputs:
    concatenated batch. The plain dense BatchNorm model (the cheapest) and the
    FedMef model (NSConv, masks at density 0.1, SAP).
 
-    python benchmarks/bench_concurrency.py                  # GPU only
+    python benchmarks/bench_concurrency.py                  # GPU only; parts 1, 3, 2
     python benchmarks/bench_concurrency.py --archs resnet18,resnet_narrow --clients 1,2,4,8
     python benchmarks/bench_concurrency.py --parts 4 --clients 1,10,40   # the bound alone
 """
@@ -43,7 +43,7 @@ from fedmef_toolkit.sparse.masks import apply_masks, attach_masks, init_masks
 
 def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cuda.Stream,
                   density: float = 0.1, channels_last: bool = False):
-    """A client model whose whole SGD step is one CUDA graph; returns replay()."""
+    """A client model whose whole SGD step is one CUDA graph (returned; replay() runs the step)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = get_model(arch, 10, norm=norm).cuda().to(memory_format=fmt)
     if density < 1:
@@ -254,7 +254,8 @@ def part_bound(args) -> None:
     stream = torch.cuda.Stream()
     for arch in args.archs.split(","):
         for label, norm, sap, density in (("BatchNorm, dense", "bn", 0.0, 1.0),
-                                          ("NSConv, density 0.1, SAP", "nsconv", args.sap, 0.1)):
+                                          (f"NSConv, density 0.1, SAP {args.sap:g}" if args.sap else
+                                           "NSConv, density 0.1, no SAP", "nsconv", args.sap, 0.1)):
             for k in args.k:
                 rates = []
                 for channels_last in (False, True):
@@ -276,12 +277,16 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--parts", default="1,3,2,4", help="which measurements, in this order (see above)")
+    ap.add_argument("--parts", default="1,3,2", help="which measurements (1-4, see above), in this order")
     args = ap.parse_args()
+    parts = [p.strip() for p in args.parts.split(",")]
+    bad = [p for p in parts if not p.isdigit() or int(p) not in PARTS]
+    if bad:
+        ap.error(f"--parts: {', '.join(bad)} is not one of {', '.join(map(str, PARTS))}")
     args.k = [int(v) for v in args.clients.split(",")]
     torch.backends.cudnn.benchmark = True
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    for part in args.parts.split(","):
+    for part in parts:
         PARTS[int(part)](args)
 
 

@@ -45,10 +45,10 @@ class SequentialEngine:
 ENGINES = {"sequential": SequentialEngine, "batched": StreamsEngine}
 
 #: what `fl.engine: auto` picks on a GPU: measured alone on an H200 (benchmarks/bench_engine.py,
-#: docs/benchmarks.md, issue 10), the batched engine ran the FedMef recipes at 1.57-1.71x
-#: (ResNet18), 1.61-1.72x (MobileNetV2) and 1.99-2.31x (narrow ResNet) the sequential engine's samples/s.
+#: docs/benchmarks.md, issue 10), the batched engine ran the FedMef recipes at 1.71x (ResNet18),
+#: 1.72x (MobileNetV2) and 2.31x (narrow ResNet) the sequential engine's samples/s (rounds 2-6).
 AUTO_ON_CUDA = "batched"
-AUTO_ON_CUDA_WHY = "1.6-2.3x the sequential engine on an H200, docs/benchmarks.md"
+AUTO_ON_CUDA_WHY = "1.7-2.3x the sequential engine on an H200, docs/benchmarks.md"
 
 
 def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tuple[str, str]:

@@ -175,8 +175,9 @@ class GraphedStep:
         self._bind()
         if self.pads:
             n = x.shape[0]
-            if 0 < n < self.batch_size and self.refused is None:
-                # zeros to the full size (so that the graph replays), weighted out of the loss
+            if 0 < n < self.batch_size:
+                # zeros to the full size (so that the graph replays), weighted out of the loss; also
+                # where no graph replays (graphs off or refused), so that graphs change no number
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
                 y = torch.cat([y, y.new_zeros(self.batch_size - n)])
             if n != self._count_value:  # full batches leave it as it is: no kernel per step
