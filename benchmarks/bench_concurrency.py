@@ -204,6 +204,18 @@ def conv_micro(k: int, channels: int, size: int, batch: int, reps: int = 50) -> 
     return res
 
 
+def rates_by_layout(make, samples: int, stream: torch.cuda.Stream, reps: int) -> list[float]:
+    """samples/s of the graph `make(channels_last)` builds (`samples` per replay), NCHW then
+    channels-last; each graph is freed before the next is built."""
+    rates = []
+    for channels_last in (False, True):
+        graph = make(channels_last)
+        rates.append(samples * reps / time_replays([graph], [stream], False, reps))
+        del graph
+        torch.cuda.empty_cache()
+    return rates
+
+
 def part_streams(args) -> None:
     print("| model | clients | one stream samples/s | K streams samples/s | speed-up | host ms per replay "
           "| K streams, K host threads samples/s |")
@@ -229,12 +241,7 @@ def part_stacked(args) -> None:
     print("|---|---:|---:|---:|")
     stream = torch.cuda.Stream()
     for k in args.k:
-        rates = []
-        for channels_last in (False, True):
-            graph = stacked_step(k, args.batch, channels_last, stream)
-            rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
-            del graph
-            torch.cuda.empty_cache()
+        rates = rates_by_layout(lambda cl: stacked_step(k, args.batch, cl, stream), k * args.batch, stream, args.reps)
         print(f"| resnet18 | {k} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
 
 
@@ -257,12 +264,8 @@ def part_bound(args) -> None:
                                           (f"NSConv, density 0.1, SAP {args.sap:g}" if args.sap else
                                            "NSConv, density 0.1, no SAP", "nsconv", args.sap, 0.1)):
             for k in args.k:
-                rates = []
-                for channels_last in (False, True):
-                    graph = captured_step(arch, norm, sap, k * args.batch, stream, density, channels_last)
-                    rates.append(k * args.reps * args.batch / time_replays([graph], [stream], False, args.reps))
-                    del graph
-                    torch.cuda.empty_cache()
+                rates = rates_by_layout(lambda cl: captured_step(arch, norm, sap, k * args.batch, stream, density, cl),
+                                        k * args.batch, stream, args.reps)
                 print(f"| {arch}, {label} | {k} | {k * args.batch} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
 
 

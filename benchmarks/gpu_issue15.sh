@@ -32,8 +32,9 @@ done
 python3 -c "
 from fedmef_toolkit.recipe import DataSpec; from fedmef_toolkit.data import load_data
 load_data(DataSpec(dataset='cifar10', root='$DATA'), 'val', 0)" || exit 1
+bench_step() { python3 benchmarks/bench_step.py --device cuda --out "$1" 2>&1 | tail -12 | tee "$OUT/step.md"; }
 if [ -n "${STEP:-}" ]; then  # alone on the GPU, before any run starts
-  python3 benchmarks/bench_step.py --device cuda --out /tmp/step.json 2>&1 | tail -12 | tee "$OUT/step.md"
+  bench_step /tmp/step.json
 fi
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 COMMON=(--set data.root=$DATA --set output.dir=$R --set precision=bf16 --set output.memory_report=false --no-progress)
@@ -182,7 +183,7 @@ elif [ "$PHASE" = paper ]; then
       --set fl.rounds=60 --set method.bae.enabled=false
   fi
 elif [ "$PHASE" = step ]; then
-  python3 benchmarks/bench_step.py --device cuda --out "$OUT/step.json" 2>&1 | tail -12 | tee "$OUT/step.md"
+  bench_step "$OUT/step.json"
 fi
 wait
 python3 benchmarks/summarize_runs.py $R/* > "$OUT/summary.txt" 2>&1
