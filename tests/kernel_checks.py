@@ -15,7 +15,7 @@ import torch
 from fedmef_toolkit.kernels.packing import CHUNK, masked_relu_backward, masked_relu_forward, pack_rows, unpack_rows
 from fedmef_toolkit.kernels.standardize import standardize_backward, standardize_forward
 from fedmef_toolkit.layers.nsconv import standardize_weight_reference
-from fedmef_toolkit.sap.packing import keep_count, pack_bits, topk_keep_mask
+from fedmef_toolkit.sap.packing import keep_count, pack_bits, topk_keep_mask, unpack_bits
 
 
 def check_standardize(dev):
@@ -47,7 +47,7 @@ def check_standardize(dev):
 
 def check_pack_rows(dev):
     gen = torch.Generator().manual_seed(1)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for n, gamma in [(3000, 0.9), (3000, 0.5), (37, 0.5), (4096, 0.0001)]:
             x = torch.randn(5, n, generator=gen).relu().to(dev, dtype)  # many zeros: ties at t = 0
             k = keep_count(n, gamma)
@@ -84,6 +84,47 @@ def check_pack_rows(dev):
         if r == 1:
             expect[n - 1] = 8.0
         assert torch.equal(out[r], expect), r
+
+
+def check_radix_select(dev):
+    """The packed values are exactly the k largest |x| of each row (signs, zeros, subnormals,
+    inf, rows shorter and longer than a chunk, keep counts from 1 to n), in every float dtype."""
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in (1, 9, 300, CHUNK + 17):
+            x = torch.randn(3, n, generator=gen) * torch.logspace(-8, 4, n)[torch.randperm(n, generator=gen)]
+            x[0, : n // 3] = 0.0
+            if n > 5:
+                x[1, 2], x[1, 3], x[2, 4] = float("inf"), float("-inf"), -1e-40  # -1e-40: subnormal in fp32
+            x = x.to(dev, dtype)
+            for k in sorted({1, max(1, n // 2), max(1, n - 1), n}):
+                bits, vals, offsets = pack_rows(x, k)
+                expect = x.float().abs().topk(k, dim=1).values.sort(dim=1).values
+                got = vals.view(3, k).float().abs().sort(dim=1).values
+                assert torch.equal(got, expect), (dtype, n, k)
+                kept = unpack_bits(bits.reshape(-1), 8 * bits.numel()).view(3, -1)[:, :n]
+                assert kept.sum(dim=1).tolist() == [k] * 3, (dtype, n, k)
+                out = unpack_rows(bits, vals, offsets, x.shape, k)
+                assert torch.equal(out[kept], x[kept]) and not out[~kept].any(), (dtype, n, k)
+
+
+def check_agc(dev):
+    """The fused clipping equals the PyTorch clipping: rows clipped, rows under the bound and
+    zero rows (eps), fan-ins below and above a block."""
+    from fedmef_toolkit.fl.agc import _unit_norms
+    from fedmef_toolkit.kernels.agc import clip_rows_
+
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(8, 3, 3, 3), (5, 1500), (4, 2)]:
+        w = torch.randn(shape, generator=gen)
+        w[1] = 0.0  # bound clip * eps
+        g = torch.randn(shape, generator=gen) * torch.logspace(-4, 2, shape[0]).view(-1, *[1] * (len(shape) - 1))
+        scale = (_unit_norms(w).clamp_min(1e-3) * 0.1 / _unit_norms(g).clamp_min(1e-6)).clamp_max(1.0)
+        expect = g * scale.view(-1, *[1] * (len(shape) - 1))
+        assert (scale < 1).any() and (scale == 1).any(), shape  # both cases occur
+        got = g.to(dev).clone()
+        clip_rows_(w.to(dev), got, 0.1, 1e-3)
+        torch.testing.assert_close(got.cpu(), expect, rtol=1e-5, atol=1e-7, msg=str(shape))
 
 
 def same_values(a, b, dev):
@@ -140,6 +181,8 @@ def check_sap_layers_against_the_pytorch_path(dev):
 def run_all(dev: str) -> None:
     check_standardize(torch.device(dev))
     check_pack_rows(torch.device(dev))
+    check_radix_select(torch.device(dev))
+    check_agc(torch.device(dev))
     check_masked_relu(torch.device(dev))
     check_sap_layers_against_the_pytorch_path(torch.device(dev))
 
@@ -156,7 +199,7 @@ def compile_for_hopper() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fedmef_toolkit.kernels import packing, standardize
+    from fedmef_toolkit.kernels import agc, packing, standardize
 
     target = GPUTarget("cuda", 90, 32)
     done = []
@@ -174,12 +217,20 @@ def compile_for_hopper() -> list[str]:
             build(standardize._standardize_fwd, {**rows, "out_ptr": "*fp32", "fan_in": "i32", "eps": "fp32"}, c)
             build(standardize._standardize_bwd, {**rows, "gy_ptr": "*fp32", "dw_ptr": "*fp32", "dg_ptr": "*fp32",
                                                  "fan_in": "i32", "eps": "fp32"}, c)
-    for dt in ("fp32", "bf16"):
-        build(packing._count_chunk, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", "above_ptr": "*i32", "ties_ptr": "*i32",
-                                     "n": "i32", "chunks": "i32"}, {"CHUNK": 2048})
-        build(packing._pack_chunk, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", "above_ptr": "*i32", "ties_ptr": "*i32",
+    build(agc._agc_rows, {"w_ptr": "*fp32", "g_ptr": "*fp32", "fan_in": "i32", "clip": "fp32", "eps": "fp32"},
+          {"BLOCK": 1024})
+    for dt in ("fp32", "bf16", "fp16"):
+        key = {"KEY_BITS": 31 if dt == "fp32" else 15}
+        passes = 4 if dt == "fp32" else 2
+        for p in range(passes):
+            build(packing._radix_hist, {"x_ptr": f"*{dt}", "hist_ptr": "*i32", "n": "i32", "k": "i32"},
+                  {"PASS": p, "PASSES": passes, **key, "CHUNK": 2048})
+        build(packing._count_chunk, {"x_ptr": f"*{dt}", "hist_ptr": "*i32", "above_ptr": "*i32", "ties_ptr": "*i32",
+                                     "n": "i32", "k": "i32", "chunks": "i32"}, {"PASSES": passes, **key, "CHUNK": 2048})
+        build(packing._pack_chunk, {"x_ptr": f"*{dt}", "hist_ptr": "*i32", "above_ptr": "*i32", "ties_ptr": "*i32",
                                     "bits_ptr": "*u8", "vals_ptr": f"*{dt}", "offsets_ptr": "*i32", "n": "i32",
-                                    "nbytes": "i32", "k": "i32", "chunks": "i32"}, {"CHUNK": 2048, "MAX_CHUNKS": 32})
+                                    "nbytes": "i32", "k": "i32", "chunks": "i32"},
+              {"PASSES": passes, **key, "CHUNK": 2048, "MAX_CHUNKS": 32})
         build(packing._unpack_chunk, {"bits_ptr": "*u8", "vals_ptr": f"*{dt}", "offsets_ptr": "*i32",
                                       "out_ptr": f"*{dt}", "n": "i32", "nbytes": "i32", "k": "i32", "chunks": "i32"},
               {"CHUNK": 2048})

@@ -6,7 +6,7 @@ from conftest import small_recipe
 
 from fedmef_toolkit.data.augment import DeviceAugment
 from fedmef_toolkit.fl.client import ClientData, ClientTrainer
-from fedmef_toolkit.fl.plan import ClientPlan
+from fedmef_toolkit.fl.plan import ClientPlan, MaskedWeightPenalty
 from fedmef_toolkit.fl.simulator import Simulator
 from fedmef_toolkit.fl.strategies.fedmef import BaEPlan
 from fedmef_toolkit.models import get_model
@@ -131,26 +131,40 @@ def test_pruned_entries_and_momentum_stay_zero(norm):
 
 
 def test_bae_penalty_gradient_and_step_size():
+    """The penalty's closed-form gradient equals autograd's through its value (and the closed
+    forms 2 lam w m, lam w m / ||theta_low||); the step size reads ||theta_low||."""
     model = get_model("cnn4", 4, width=0.25)
     attach_masks(model, init_masks(model, 0.5, "uniform", "random", seed=0))
     mods = prunable_modules(model)
     low = {n: smallest_active(m.weight, m.weight_mask, 5) for n, m in mods.items()}
-    for penalty in ("l2sq", "l2"):
-        bae = BaESpec(lam=0.3, penalty=penalty)
-        plan = BaEPlan(0.001, None, False, low, bae, lr0=0.1, window_offset=0)
-        plan.begin(model, total_steps=10)
-        model.zero_grad()
-        plan.extra_loss(model).backward()
+    del low[next(iter(low))]  # a layer without targets: its mask stays zero
+    for kind in ("l2sq", "l2"):
+        penalty = MaskedWeightPenalty(kind, {n: m.weight for n, m in mods.items()})
+        penalty.set_(low, 0.3)
+        weights = [mods[n].weight for n in penalty.masks]
+        grads = [torch.randn_like(w) for w in weights]
+        before = [g.clone() for g in grads]
+        penalty.add_grad_([w.detach() for w in weights], grads)
+        auto = torch.autograd.grad(penalty.value(weights), weights)
         sq = sum(float((mods[n].weight.detach()[m] ** 2).sum()) for n, m in low.items())
-        for n, m in low.items():
+        for n, g, g0, a in zip(penalty.masks, grads, before, auto):
             w = mods[n].weight.detach()
-            expect = 2 * 0.3 * w * m if penalty == "l2sq" else 0.3 * w * m / math.sqrt(sq)
-            assert torch.allclose(mods[n].weight.grad, expect, atol=1e-7)
+            m = low.get(n, torch.zeros_like(w, dtype=torch.bool))
+            expect = 2 * 0.3 * w * m if kind == "l2sq" else 0.3 * w * m / math.sqrt(sq)
+            assert torch.allclose(g - g0, expect, atol=1e-6) and torch.allclose(a, expect, atol=1e-6), (kind, n)
+        plan = BaEPlan(0.001, None, False, penalty, BaESpec(lam=0.3, penalty=kind), lr0=0.1, window_offset=0)
+        plan.begin(model, total_steps=10)
         mu = plan.step_lr(4, model)  # a device tensor: the step reads it without a host sync
         assert isinstance(mu, torch.Tensor) and float(mu) == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, math.sqrt(sq)))
-        plan.bae = BaESpec(lam=0.3, penalty=penalty, sigmoid_norm="l1")
+        plan.bae = BaESpec(lam=0.3, penalty=kind, sigmoid_norm="l1")
         l1 = sum(float(mods[n].weight.detach()[m].abs().sum()) for n, m in low.items())
         assert float(plan.step_lr(4, model)) == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, l1), rel=1e-5)
+    penalty.set_({}, 0.0)  # a round without extrusion: no term at all
+    grads = [torch.ones_like(w) for w in weights]
+    penalty.add_grad_([w.detach() for w in weights], grads)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads) and not penalty.active
+    with pytest.raises(KeyError, match="no such layer"):
+        penalty.set_({"nope": torch.ones(1)}, 0.1)
 
 
 def sparse_run(tmp_path, method, norm="bn", **over):

@@ -71,6 +71,10 @@ def reference_step(model, opt, plan, x, y, lr, agc: float, autocast) -> torch.Te
         loss = F.cross_entropy(model(x), y)
     extra = plan.extra_loss(model)
     total = loss if extra is None else loss + extra
+    penalty = plan.penalty()  # BaE's term through autograd (the step adds its gradient in closed form)
+    if penalty is not None:
+        mods = prunable_modules(model)
+        total = total + penalty.value([mods[n].weight for n in penalty.masks])
     opt.zero_grad(set_to_none=True)
     total.backward()
     clipped = agc_weights(model)
@@ -297,14 +301,20 @@ def test_trainer_keeps_one_step_per_model_and_reports_eager_steps(tmp_path):
     assert sim.trainer.graph_status() == "CUDA graphs: off"
 
 
-def test_bae_graph_key_follows_its_targets():
-    """BaE's penalty reads theta_low's masks: a new round's masks are a new graph key."""
-    model = small_model()
-    mods = prunable_modules(model)
+@pytest.mark.parametrize("engine", ["sequential", "batched"])
+def test_rounds_around_an_adjustment_keep_one_step_binding(tmp_path, engine):
+    """BaE's targets and lam are written in place (one penalty object for the run): the rounds
+    before, during and after an extrusion round bind each worker's step tensors once, so a CUDA
+    graph captured in the first round is replayed in all of them."""
+    sim = simulator(tmp_path, **{**FEDMEF, "fl.engine": engine})
     plans = []
-    for _ in range(2):  # two rounds' targets (both alive: their memory cannot be reused)
-        low = {n: smallest_active(m.weight, m.weight_mask, 3) for n, m in mods.items()}
-        plans.append(BaEPlan(0.1, None, False, low, BaESpec(), lr0=0.1, window_offset=0))
-        plans[-1].begin(model, 10)
-    assert plans[0].graph_key() == plans[0].graph_key()  # stable within a client
-    assert plans[0].graph_key() != plans[1].graph_key() and ClientPlan(0.1).graph_key() == ()
+    make_plan = sim.strategy.client_plan
+    sim.strategy.client_plan = lambda *a: plans.append(make_plan(*a)) or plans[-1]
+    rows = [sim.run_round(t) for t in (1, 2, 3)]  # round 2 adjusts the masks and extrudes
+    assert [r.get("adjusted", False) for r in rows] == [False, True, False]
+    kinds = {type(p).__name__ for p in plans}
+    assert kinds == {"GrowthPlan", "BaEPlan"} and len({id(p.penalty()) for p in plans}) == 1
+    steps = [w.step for w in sim.engine.workers] if engine == "batched" else [sim.trainer.stepper]
+    assert steps and all(s.binds == 1 for s in steps), [s.binds for s in steps]
+
+

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..kernels import use_triton
+
 
 def agc_weights(model: nn.Module) -> list[torch.Tensor]:
     """Every parameter but those of the last linear layer (the classifier)."""
@@ -35,7 +37,13 @@ def _unit_norms(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3) -> None:
-    """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps)."""
+    """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps).
+    One fused kernel on a GPU (kernels/agc.py) where both are contiguous and of one shape."""
+    if use_triton(g) and w.shape == g.shape and w.is_contiguous() and g.is_contiguous() and w.dim() > 1:
+        from ..kernels.agc import clip_rows_
+
+        clip_rows_(w, g, clip, eps)
+        return
     scale = (_unit_norms(w).clamp_min_(eps) * clip / _unit_norms(g).clamp_min_(1e-6)).clamp_max_(1.0)
     g.mul_(scale.view(*scale.shape, *([1] * (g.dim() - scale.dim()))).to(g.dtype))
 

@@ -10,6 +10,77 @@ import torch
 import torch.nn as nn
 
 
+class MaskedWeightPenalty:
+    """lam * ||theta_m|| ** 2 ("l2sq") or lam * ||theta_m|| ("l2"), where theta_m is every listed
+    layer's weight times its mask (one norm over all of them): BaE's extrusion term (SPEC 3).
+
+    Its gradient, 2 lam w m or lam w m / ||theta_m||, is added to the local step's gradients in
+    closed form (`add_grad_`: a few multi-tensor kernels, no autograd graph), before the
+    gradient masks and clipping, as autograd would have added it. `value` is the same term
+    through autograd (a reference for tests and logs).
+
+    The masks and lam are tensors owned by the strategy and written in place from round to
+    round (`set_`; lam 0 where a round does not extrude): a step captured in a CUDA graph
+    (fl/stepgraph.py) reads them at their addresses, so the rounds before, during and after an
+    extrusion window replay one graph instead of capturing a new one at each change."""
+
+    def __init__(self, kind: str, weights: dict[str, torch.Tensor]):
+        if kind not in ("l2sq", "l2"):
+            raise ValueError(f"penalty must be 'l2sq' or 'l2', got {kind!r}")
+        self.kind = kind
+        first = next(iter(weights.values()))
+        self.masks = {n: torch.zeros_like(w, dtype=first.dtype) for n, w in weights.items()}
+        self.lam = torch.zeros((), dtype=first.dtype, device=first.device)
+        self.targets: tuple[str, ...] = ()  # the layers `set_` gave masks (the others' are zero)
+        self.lam_value = 0.0  # what `lam` holds, on the host
+
+    @torch.no_grad()
+    def set_(self, targets: dict[str, torch.Tensor], lam: float) -> None:
+        """The layers' masks (zero where `targets` has none) and lam, in place."""
+        unknown = set(targets) - set(self.masks)
+        if unknown:
+            raise KeyError(f"no such layer in the penalty: {sorted(unknown)}")
+        for n, m in self.masks.items():
+            if n in targets:
+                m.copy_(targets[n])
+            else:
+                m.zero_()
+        self.lam.fill_(lam)
+        self.targets, self.lam_value = tuple(targets), float(lam)
+
+    @property
+    def active(self) -> bool:
+        """Whether any layer has targets (BaE: an extrusion round; its step size reads their
+        norm whatever lam is)."""
+        return bool(self.targets)
+
+    def graph_key(self) -> tuple:
+        """What a graph of a step that applies this penalty reads: its tensors' addresses."""
+        return (id(self), self.kind, self.lam.data_ptr(), tuple(m.data_ptr() for m in self.masks.values()))
+
+    def norm(self, weights: list[torch.Tensor], order: int = 2) -> torch.Tensor:
+        """||theta_m|| (L1 with order=1) of `weights`, listed in the order of `masks`."""
+        low = torch._foreach_mul([w.detach() for w in weights], list(self.masks.values()))
+        return torch.stack(torch._foreach_norm(low, order)).norm(order)
+
+    def value(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """The term itself, differentiable (autograd); `weights` in the order of `masks`."""
+        sq = sum(((w * m) ** 2).sum() for w, m in zip(weights, self.masks.values()))
+        return self.lam * (sq if self.kind == "l2sq" else torch.sqrt(sq + 1e-24))
+
+    @torch.no_grad()
+    def add_grad_(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """grads += d value / d weights, in place; both lists in the order of `masks`."""
+        low = torch._foreach_mul(weights, list(self.masks.values()))
+        if self.kind == "l2sq":
+            coef = 2.0 * self.lam
+        else:
+            sq = torch.stack(torch._foreach_norm(low)).square().sum()
+            coef = self.lam * torch.rsqrt(sq + 1e-24)
+        torch._foreach_mul_(low, coef)
+        torch._foreach_add_(grads, low)
+
+
 class ClientPlan:
     def __init__(self, lr: float):
         self.lr = lr
@@ -31,6 +102,12 @@ class ClientPlan:
         tensors it reads, constants it bakes in): a CUDA graph of the step is replayed only
         while this is unchanged, and captured again otherwise. () when there is no extra loss."""
         return ()
+
+    def penalty(self) -> MaskedWeightPenalty | None:
+        """A penalty on masked weights whose gradient each local step adds in closed form
+        (BaE). Keyed by layer name (`sparse.masks.prunable_modules`); a step's graph is kept
+        as long as it is the same object (its tensors change in place)."""
+        return None
 
     def at_step(self, step: int, model: nn.Module, trainer, client, gen) -> None:
         """Called before local step `step` (e.g. FedDST's mid-training mask change). It may

@@ -11,9 +11,10 @@ while its graphed forward and backward alone ran at 14,000.
 `GraphedStep` therefore captures one complete local step as one graph:
 
     forward (under the trainer's autocast) -> cross-entropy (+ the plan's
-    extra loss) -> gradients (torch.autograd.grad) -> gradient masks -> AGC
-    -> weight decay (dim > 1 only) -> momentum -> update with the step's
-    learning rate -> weight and momentum masks -> running loss sum.
+    extra loss) -> gradients (torch.autograd.grad) -> + the plan's weight
+    penalty's gradient (BaE, closed form) -> gradient masks -> AGC -> weight
+    decay (dim > 1 only) -> momentum -> update with the step's learning rate
+    -> weight and momentum masks -> running loss sum.
 
 The same Python function (`GraphedStep._step`) is what the graph records and
 what runs eagerly, on every device: the CPU (tests) and CUDA steps that
@@ -27,7 +28,10 @@ lives in tensors the graph reads, so it needs no new capture:
 * "first step of the client": momentum is buf = started * m * buf + grad,
   with `started` a tensor that is 0 at a client's first step and 1 after,
   which is torch.optim.SGD's buf = grad at the first step, m * buf + grad later;
-* masks changed in place (FedDST's mid-training change) and BaE's targets.
+* masks changed in place (FedDST's mid-training change), and BaE's targets
+  and lam (`ClientPlan.penalty()`, written in place by the strategy: 0 in
+  rounds that do not extrude), so a run captures each worker's step once,
+  not again around every adjustment round.
 
 The gradients are the graph's own (returned by torch.autograd.grad, never
 written to .grad): eager passes between steps that use .grad, such as the
@@ -38,11 +42,10 @@ A graph bakes in tensor addresses and Python-side decisions. It is replayed
 only when these are what they were at capture, else the step runs eagerly:
 
 * the batch shape and dtype and the autocast dtype;
-* the data_ptrs of every parameter and buffer, and the plan's extra loss
-  (its function and `ClientPlan.graph_key()`: e.g. BaE's target masks,
-  created per round). When these change the graph is dropped and captured
-  again at the next client's first step: only there is no autograd graph of
-  an earlier step alive.
+* the data_ptrs of every parameter and buffer, the plan's extra loss (its
+  function and `ClientPlan.graph_key()`) and its penalty's tensors. When
+  these change the graph is dropped and captured again at the next client's
+  first step: only there is no autograd graph of an earlier step alive.
 
 A client's short last batch (its size is rarely a multiple of the batch size)
 would break the first rule: at five local epochs 90 of a FedMef round's 770
@@ -149,6 +152,8 @@ class GraphedStep:
         self.replays = self.eager_steps = self.captures = 0
         self.eager_why: dict[str, int] = {}  # why steps ran eagerly, with CUDA graphs on
         self._bound_key = None
+        self._penalized: list[int] = []  # indices (into params) of the penalty's weights, in its order
+        self.binds = 0  # how often the step's tensors were collected anew (each drops the graph)
         self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -210,9 +215,12 @@ class GraphedStep:
                 loss = F.cross_entropy(logits, y)
         extra = self.plan.extra_loss(self.model)
         total = loss if extra is None else loss + extra
-        grads = torch.autograd.grad(total, self.params, allow_unused=True)
+        grads = list(torch.autograd.grad(total, self.params, allow_unused=True))
         with torch.no_grad():
-            self._update(list(grads))
+            if self._penalized:
+                self.plan.penalty().add_grad_([self.params[i] for i in self._penalized],
+                                              [grads[i] for i in self._penalized])
+            self._update(grads)
             self.loss_sum.add_(loss.detach().float())
             self.started.fill_(1.0)
 
@@ -255,7 +263,8 @@ class GraphedStep:
 
     def _binding_key(self) -> tuple:
         ptrs = tuple(t.data_ptr() for d in self._tensor_dicts for t in d.values() if t is not None)
-        return ptrs, type(self.plan).extra_loss, self.plan.graph_key()
+        penalty = self.plan.penalty()
+        return ptrs, type(self.plan).extra_loss, self.plan.graph_key(), penalty and penalty.graph_key()
 
     def _bind(self) -> None:
         """(Re)collect the tensors the step works on when any of them changed; a graph that
@@ -277,6 +286,9 @@ class GraphedStep:
         self._masked = [index[id(w)] for w, _ in pairs]
         self.masks = [m for _, m in pairs]
         self._clipped = [index[id(p)] for p in agc_weights(self.model) if id(p) in index] if self.agc > 0 else []
+        penalty, modules = self.plan.penalty(), prunable_modules(self.model)
+        self._penalized = [index[id(modules[n].weight)] for n in penalty.masks] if penalty is not None else []
+        self.binds += 1
         self._bound_key = key
 
     # -- replay and capture ----------------------------------------------------------------

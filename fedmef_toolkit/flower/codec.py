@@ -124,9 +124,10 @@ def encode_plan(plan, global_masks: dict[str, torch.Tensor]) -> tuple[dict[str, 
 
     Generic over plan classes: scalars, strings, None, recipe sections
     (dataclasses) and lists of them go to the config as JSON; tensors and dicts
-    of tensors to arrays. FedMef's growth request is sent as theta_low (see the
-    module docstring)."""
-    from ..fl.plan import ClientPlan
+    of tensors to arrays; a weight penalty (BaE) as its kind, lambda and masks
+    (bits). FedMef's growth request is sent as theta_low (see the module
+    docstring), and not again where the penalty's masks are theta_low."""
+    from ..fl.plan import ClientPlan, MaskedWeightPenalty
 
     if not isinstance(plan, ClientPlan):
         raise TypeError(f"not a ClientPlan: {type(plan).__name__}")
@@ -139,11 +140,13 @@ def encode_plan(plan, global_masks: dict[str, torch.Tensor]) -> tuple[dict[str, 
         if request is None:
             fields["request"] = None
         else:
-            low = attrs.get("low")
-            if isinstance(low, dict) and set(low) == set(request):
-                fields["request"] = {"from": "low", "layers": sorted(request), "k": {n: k for n, (k, _) in request.items()}}
-            else:  # derive theta_low from the candidates: cand & mask
-                lows = {n: cand.to(global_masks[n].device) & global_masks[n] for n, (_, cand) in request.items()}
+            lows = {n: cand.to(global_masks[n].device) & global_masks[n] for n, (_, cand) in request.items()}
+            penalty = attrs.get("_penalty")
+            if isinstance(penalty, MaskedWeightPenalty) and penalty.active and all(
+                    n in penalty.targets and torch.equal(penalty.masks[n].bool(), low_n) for n, low_n in lows.items()):
+                fields["request"] = {"from": "penalty", "layers": sorted(request),
+                                     "k": {n: k for n, (k, _) in request.items()}}
+            else:  # theta_low derived from the candidates: cand & mask
                 for n, low_n in lows.items():
                     arrays[f"request.{n}"] = pack_bool(low_n)
                     tensor_meta[f"request.{n}"] = [list(low_n.shape), "bool"]
@@ -152,7 +155,16 @@ def encode_plan(plan, global_masks: dict[str, torch.Tensor]) -> tuple[dict[str, 
     for name, value in attrs.items():
         if name == "logs":
             continue
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, MaskedWeightPenalty):
+            if not value.active:  # no targets this round (lam 0): it changes nothing, nothing travels
+                fields[name] = {"json": None}
+                continue
+            keys = {}
+            for k in value.targets:  # theta_low's layers; the others' masks are zero
+                _put_tensor(arrays, tensor_meta, f"attr.{name}.{k}", value.masks[k].bool())
+                keys[k] = f"attr.{name}.{k}"
+            fields[name] = {"penalty": {"kind": value.kind, "lam": value.lam_value, "masks": keys}}
+        elif isinstance(value, torch.Tensor):
             _put_tensor(arrays, tensor_meta, f"attr.{name}", value)
             fields[name] = {"tensor": f"attr.{name}"}
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
@@ -187,7 +199,7 @@ def _get_tensor(arrays, meta, key, device) -> torch.Tensor:
 
 def decode_plan(arrays: dict[str, np.ndarray], config: dict, model_masks: dict[str, torch.Tensor], device):
     cls = _load_class(str(config["plan_class"]))
-    from ..fl.plan import ClientPlan
+    from ..fl.plan import ClientPlan, MaskedWeightPenalty
 
     if not (isinstance(cls, type) and issubclass(cls, ClientPlan)):
         raise ValueError(f"{config['plan_class']} is not a ClientPlan")
@@ -202,6 +214,10 @@ def decode_plan(arrays: dict[str, np.ndarray], config: dict, model_masks: dict[s
             value = _get_tensor(arrays, meta, spec["tensor"], device)
         elif "tensor_dict" in spec:
             value = {k: _get_tensor(arrays, meta, key, device) for k, key in spec["tensor_dict"].items()}
+        elif "penalty" in spec:
+            masks = {k: _get_tensor(arrays, meta, key, device) for k, key in spec["penalty"]["masks"].items()}
+            value = MaskedWeightPenalty(spec["penalty"]["kind"], {k: m.float() for k, m in masks.items()})
+            value.set_(masks, spec["penalty"]["lam"])
         elif "dataclass" in spec:
             dc = _load_class(spec["dataclass"])
             value = dc(**spec["value"])
@@ -213,8 +229,8 @@ def decode_plan(arrays: dict[str, np.ndarray], config: dict, model_masks: dict[s
         if req is None:
             plan.request = None
         else:
-            if req["from"] == "low":
-                lows = {n: plan.low[n] for n in req["layers"]}
+            if req["from"] == "penalty":
+                lows = {n: plan._penalty.masks[n].bool() for n in req["layers"]}
             else:
                 lows = {n: _get_tensor(arrays, meta, f"request.{n}", device) for n in req["layers"]}
             plan.request = {n: (int(req["k"][n]), ~model_masks[n].to(device) | lows[n].to(device))

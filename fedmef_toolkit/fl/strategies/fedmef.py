@@ -23,7 +23,7 @@ from ...sparse.masks import get_masks, prunable_modules
 from ...sparse.schedules import (adjustment_fraction, bae_step_size, is_extrusion_round, next_adjustment_round,
                                  swap_count)
 from ..comm import mask_bytes, message_bytes, state_bytes
-from ..plan import ClientPlan
+from ..plan import ClientPlan, MaskedWeightPenalty
 from .registry import register_method
 from .sparse import StaticSparse
 
@@ -53,12 +53,19 @@ def masked_sq_norm(pairs) -> torch.Tensor:
 
 
 class GrowthPlan(ClientPlan):
-    """After local training, send the top-k_l gradient entries among each layer's candidates."""
+    """After local training, send the top-k_l gradient entries among each layer's candidates.
+    `penalty`: BaE's term, carried with lam 0 in rounds that do not extrude (see
+    `MaskedWeightPenalty`: one step graph for all rounds)."""
 
-    def __init__(self, lr: float, request: dict[str, tuple[int, torch.Tensor]] | None, full_grad: bool):
+    def __init__(self, lr: float, request: dict[str, tuple[int, torch.Tensor]] | None, full_grad: bool,
+                 penalty: MaskedWeightPenalty | None = None):
         super().__init__(lr)
         self.request = request  # layer -> (k_l, candidate mask)
         self.full_grad = full_grad
+        self._penalty = penalty
+
+    def penalty(self):
+        return self._penalty
 
     def finish(self, model, trainer, client, gen) -> dict:
         if not self.request:
@@ -68,32 +75,24 @@ class GrowthPlan(ClientPlan):
 
 
 class BaEPlan(GrowthPlan):
-    """Budget-aware extrusion: lambda * ||theta_low||^2 in the loss, step size max(eta, beta)."""
+    """Budget-aware extrusion: lambda * ||theta_low||^2 added to the loss (`penalty`, its
+    gradient in closed form; its masks and lambda set by the strategy for the round), step
+    size max(eta, beta)."""
 
-    def __init__(self, lr, request, full_grad, low: dict[str, torch.Tensor], bae, lr0: float, window_offset: int):
-        super().__init__(lr, request, full_grad)
-        self.low, self.bae, self.lr0 = low, bae, lr0
+    def __init__(self, lr, request, full_grad, penalty: MaskedWeightPenalty, bae, lr0: float, window_offset: int):
+        super().__init__(lr, request, full_grad, penalty)
+        self.bae, self.lr0 = bae, lr0
         self.window_offset = window_offset  # rounds of the extrusion window already behind this one
 
     def begin(self, model, total_steps):
         mods = prunable_modules(model)
-        self.pairs = [(mods[n].weight, m.to(mods[n].weight.device)) for n, m in self.low.items()]
+        self.weights = [mods[n].weight for n in self._penalty.masks]
         self.budget = total_steps * self.bae.rounds
         self.step0 = self.window_offset * total_steps
 
     def low_norm(self, order: str = "l2") -> torch.Tensor:
         """||theta_low|| on the device, in a few multi-tensor kernels (it runs eagerly every step)."""
-        if not self.pairs:
-            return torch.zeros(())
-        low = torch._foreach_mul([w.detach() for w, _ in self.pairs], [m for _, m in self.pairs])
-        return torch.stack(torch._foreach_norm(low, 1 if order == "l1" else 2)).norm(1 if order == "l1" else 2)
-
-    def extra_loss(self, model):
-        sq = masked_sq_norm(self.pairs)
-        return self.bae.lam * (sq if self.bae.penalty == "l2sq" else torch.sqrt(sq + 1e-24))
-
-    def graph_key(self):
-        return (self.bae.lam, self.bae.penalty, tuple((m.data_ptr(), m.shape) for _, m in self.pairs))
+        return self._penalty.norm(self.weights, 1 if order == "l1" else 2)
 
     def step_lr(self, step, model):
         """BaE's step size as a device tensor: no host sync (the step reads it on the device)."""
@@ -114,6 +113,7 @@ class FedMef(StaticSparse):
         self.low: dict[str, torch.Tensor] = {}  # theta_low of the coming adjustment, once computed
         self.low_round: int | None = None  # the adjustment round it belongs to
         self.request: dict | None = None  # this round's growth request, shared by its clients
+        self.penalty: MaskedWeightPenalty | None = None  # BaE's term, written in place every round
 
     @property
     def window(self) -> int:
@@ -152,6 +152,13 @@ class FedMef(StaticSparse):
         # serves every client of the window (the same tensors, so their step graphs are reused)
         device = next(model.parameters()).device
         self.low = {n: m.to(device) for n, m in self.low.items()}
+        bae = self.recipe.method.bae
+        if bae.enabled:
+            if self.penalty is None:
+                mods = prunable_modules(model)
+                self.penalty = MaskedWeightPenalty(bae.penalty, {n: mods[n].weight for n in get_masks(model)})
+            extruding = self._extruding(t)
+            self.penalty.set_(self.low if extruding else {}, bae.lam if extruding else 0.0)
         self.request = None
         if self.low_round == t:  # adjustment round: clients send top-k_l among the post-prune inactive entries
             masks = get_masks(model)
@@ -168,8 +175,8 @@ class FedMef(StaticSparse):
         if self._extruding(t):
             bae = self.recipe.method.bae
             offset = bae.rounds - 1 - (self.low_round - t)
-            return BaEPlan(lr, self.request, full, self.low, bae, self.recipe.fl.lr, offset)
-        return GrowthPlan(lr, self.request, full)
+            return BaEPlan(lr, self.request, full, self.penalty, bae, self.recipe.fl.lr, offset)
+        return GrowthPlan(lr, self.request, full, self.penalty)
 
     def download_bytes(self, model, t):
         extra = sum(mask_bytes(m) for m in self.low.values()) if self._sends_low(t) else 0
