@@ -3,7 +3,7 @@
 # sequential one, one process alone on the GPU, real CIFAR-10, paper protocol of the shipped
 # recipes; then a 20-round accuracy curve of both engines (narrow ResNet FedMef).
 #   bash benchmarks/gpu_issue10.sh           # from the repository root; needs carry/ (wheels, archive)
-#   TESTS=1 runs the CUDA tests first; CONC=1 bench_concurrency.py (streams vs stacked network; CONC_ARGS);
+#   TESTS=1 runs the CUDA and kernel tests first; CONC=1 bench_concurrency.py (streams vs stacked network; CONC_ARGS);
 #   NO_CURVES=1 skips the curves; RECIPES, ROUNDS, MAX_S, PRECISIONS, ENGINE_ARGS (more bench_engine.py options)
 # Results: $OUT/engine.md, $OUT/engine.json, $OUT/curves.md.
 set -u
@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --find-links carry/wheels click rich pyyaml
 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
 if [ -n "${TESTS:-}" ]; then  # the CUDA tests first (graphs, streams, padded short batches)
   python3 -m pip install -q --no-index --find-links carry/wheels pytest >> "$OUT/install.log" 2>&1
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_streams.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_graphs.py tests/test_streams.py \
     tests/test_stepgraph.py 2>&1 | tail -15 > "$OUT/tests.txt"; tail -3 "$OUT/tests.txt"
 fi
 if [ -n "${CONC:-}" ]; then  # streams vs a stacked (grouped-conv) network, one graph: the ceiling of each
