@@ -172,6 +172,8 @@ class Recipe:
     device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
     precision: str = _f("fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
     cuda_graphs: bool = _f(True, help="replay client steps from CUDA graphs (CUDA only; eager where it cannot)")
+    channels_last: str = _f("auto", choices=["auto", "on", "off"],
+                            help="client models and batches in channels-last memory format (auto: on CUDA)")
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     fl: FLSpec = field(default_factory=FLSpec)

@@ -122,9 +122,11 @@ def check_agc(dev):
         scale = (_unit_norms(w).clamp_min(1e-3) * 0.1 / _unit_norms(g).clamp_min(1e-6)).clamp_max(1.0)
         expect = g * scale.view(-1, *[1] * (len(shape) - 1))
         assert (scale < 1).any() and (scale == 1).any(), shape  # both cases occur
-        got = g.to(dev).clone()
-        clip_rows_(w.to(dev), got, 0.1, 1e-3)
-        torch.testing.assert_close(got.cpu(), expect, rtol=1e-5, atol=1e-7, msg=str(shape))
+        formats = [torch.contiguous_format] + ([torch.channels_last] if len(shape) == 4 else [])
+        for fmt in formats:  # channels-last: each unit is still one contiguous row of memory
+            got = g.to(dev).contiguous(memory_format=fmt)
+            clip_rows_(w.to(dev).contiguous(memory_format=fmt), got, 0.1, 1e-3)
+            torch.testing.assert_close(got.cpu(), expect, rtol=1e-5, atol=1e-7, msg=f"{shape} {fmt}")
 
 
 def same_values(a, b, dev):
@@ -154,7 +156,9 @@ def check_masked_relu(dev):
 
 def check_sap_layers_against_the_pytorch_path(dev):
     """A masked NSConv -> SAP conv -> masked ReLU -> SAP linear chain: the gradients with
-    the fused kernels equal those of the PyTorch implementation."""
+    the fused kernels equal those of the PyTorch implementation, in channels-first and in
+    channels-last memory format (where the fused kernels keep the layout)."""
+    from fedmef_toolkit.layers import layout
     from fedmef_toolkit.layers.nsconv import NSConv2d
     from fedmef_toolkit.sap.functions import SAPConfig, masked_relu, sap_linear
 
@@ -166,16 +170,22 @@ def check_sap_layers_against_the_pytorch_path(dev):
     for gamma in (0.5, 0.9):
         conv.sap = SAPConfig(gamma)
         grads = {}
-        for kernels in ("triton", "torch"):
-            os.environ["FEDMEF_KERNELS"] = kernels
-            conv.zero_grad(set_to_none=True)
-            fc.zero_grad(set_to_none=True)
-            h = masked_relu(conv(x), 1.7129)
-            sap_linear(h.flatten(1), fc.weight, fc.bias, SAPConfig(gamma)).square().sum().backward()
-            grads[kernels] = [p.grad.clone() for p in (conv.weight, conv.gain, conv.bias, fc.weight, fc.bias)]
-        os.environ.pop("FEDMEF_KERNELS")
-        for a, b in zip(grads["triton"], grads["torch"]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            conv.to(memory_format=fmt)
+            for kernels in ("triton", "torch"):
+                os.environ["FEDMEF_KERNELS"] = kernels
+                conv.zero_grad(set_to_none=True)
+                fc.zero_grad(set_to_none=True)
+                h = masked_relu(conv(x.contiguous(memory_format=fmt)), 1.7129)
+                assert layout.is_channels_last(h) == (fmt == torch.channels_last), (kernels, fmt)
+                sap_linear(h.flatten(1), fc.weight, fc.bias, SAPConfig(gamma)).square().sum().backward()
+                assert layout.is_channels_last(conv.weight.grad) == (fmt == torch.channels_last), (kernels, fmt)
+                grads[kernels, fmt] = [p.grad.clone() for p in (conv.weight, conv.gain, conv.bias, fc.weight, fc.bias)]
+            os.environ.pop("FEDMEF_KERNELS")
+        reference = grads["torch", torch.contiguous_format]
+        for key, got in grads.items():
+            for a, b in zip(got, reference):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(key))
 
 
 def run_all(dev: str) -> None:

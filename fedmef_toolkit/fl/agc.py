@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import use_triton
+from ..layers import layout
 
 
 def agc_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -38,8 +39,10 @@ def _unit_norms(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3) -> None:
     """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps).
-    One fused kernel on a GPU (kernels/agc.py) where both are contiguous and of one shape."""
-    if use_triton(g) and w.shape == g.shape and w.is_contiguous() and g.is_contiguous() and w.dim() > 1:
+    One fused kernel on a GPU (kernels/agc.py) where both have one layout (contiguous or
+    channels-last: each unit's row is contiguous in memory)."""
+    if (use_triton(g) and w.dim() > 1 and w.shape == g.shape and w.stride() == g.stride()
+            and (w.is_contiguous() or layout.is_channels_last(w))):  # rows contiguous in memory
         from ..kernels.agc import clip_rows_
 
         clip_rows_(w, g, clip, eps)

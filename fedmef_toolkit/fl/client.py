@@ -58,8 +58,14 @@ class ClientTrainer:
     """Runs E local epochs of SGD for one client; the same code for every method."""
 
     def __init__(self, train_x, train_y, augment, *, epochs: int, batch_size: int, momentum: float,
-                 weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True, agc: float = 0.0):
+                 weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True, agc: float = 0.0,
+                 channels_last: str = "auto"):
         self.train_x, self.train_y = train_x, train_y
+        if channels_last not in ("auto", "on", "off"):
+            raise ValueError(f"channels_last must be 'auto', 'on' or 'off', got {channels_last!r}")
+        # channels-last: cuDNN's bf16/TF32 convolutions run in NHWC; a channels-first network pays
+        # a layout conversion around each of them (11% of GPU time in a narrow ResNet's round)
+        self.channels_last = channels_last == "on" or (channels_last == "auto" and train_x.is_cuda)
         self.agc = agc
         self.augment = augment
         self.epochs, self.batch_size = epochs, batch_size
@@ -75,6 +81,13 @@ class ClientTrainer:
             # weight is used once per forward, so the cache would save nothing
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
+
+    def prepare_worker(self, model: nn.Module) -> nn.Module:
+        """`model` (a worker copy that trains clients) in this trainer's memory format, in place.
+        Its state_dict keeps its values (load_state_dict copies across layouts)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
 
     def step_for(self, model: nn.Module) -> GraphedStep:
         """The local step on `model` (one per model, kept across clients: its CUDA graph is
@@ -117,6 +130,8 @@ class ClientTrainer:
                 count = min(CHUNK_STEPS, take - first)
                 idx = client.indices[order[first * b:(first + count) * b]]
                 x, y = self.augment.train(self.train_x[idx], gen), self.train_y[idx]
+                if self.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for s in range(count):
                     yield x[s * b:(s + 1) * b], y[s * b:(s + 1) * b]
 

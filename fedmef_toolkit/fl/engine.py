@@ -28,7 +28,7 @@ class SequentialEngine:
 
     def run_round(self, t: int, global_model: nn.Module, clients: list[ClientData], make_plan) -> list[ClientResult]:
         if self.worker is None:
-            self.worker = copy.deepcopy(global_model)
+            self.worker = self.trainer.prepare_worker(copy.deepcopy(global_model))
         state = global_model.state_dict()
         results = []
         device = next(global_model.parameters()).device

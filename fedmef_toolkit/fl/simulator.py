@@ -110,7 +110,8 @@ class Simulator:
         self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
                                      batch_size=fl.batch_size, momentum=fl.momentum,
                                      weight_decay=fl.weight_decay, precision=recipe.precision,
-                                     cuda_graphs=recipe.cuda_graphs, agc=fl.agc)
+                                     cuda_graphs=recipe.cuda_graphs, agc=fl.agc,
+                                     channels_last=recipe.channels_last)
         example = self.augment.normalize(self.train_x[:2])
         self.engine_name, self.engine_reason = select_engine(fl.engine, self.model, example)
         self.engine = build_engine(self.engine_name, self.trainer, recipe.seed, fl.batched_clients, recipe,

@@ -133,7 +133,7 @@ class StreamsEngine:
         count = min(self.capacity, clients)
         device = self.trainer.train_x.device
         while len(self.workers) < count:
-            replica = copy.deepcopy(model)
+            replica = self.trainer.prepare_worker(copy.deepcopy(model))
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.workers.append(Worker(replica, self.trainer.new_step(replica, stream), stream))
         return self.workers[:count]

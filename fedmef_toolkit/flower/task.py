@@ -52,7 +52,8 @@ class ClientRuntime:
         self.trainer = ClientTrainer(self.train_x, self.train_y, self.augment, epochs=fl.local_epochs,
                                      batch_size=fl.batch_size, momentum=fl.momentum,
                                      weight_decay=fl.weight_decay, precision=recipe.precision,
-                                     cuda_graphs=recipe.cuda_graphs, agc=fl.agc)
+                                     cuda_graphs=recipe.cuda_graphs, agc=fl.agc,
+                                     channels_last=recipe.channels_last)
 
     def build_worker(self, state: dict) -> torch.nn.Module:
         from ..architecture import build_for_state, build_from_description
@@ -77,7 +78,7 @@ class ClientRuntime:
             raise ValueError(f"client {cid} is not one of the recipe's {len(self.client_indices)} clients")
         state = codec.decode_state(state_arrays, state_config, self.device)
         if self.worker is None:
-            self.worker = self.build_worker(state)
+            self.worker = self.trainer.prepare_worker(self.build_worker(state))
         self.worker.load_state_dict(state)
         plan = codec.decode_plan(plan_arrays, plan_config, get_masks(self.worker), self.device)
         client = ClientData(cid, self.client_indices[cid].to(self.device))

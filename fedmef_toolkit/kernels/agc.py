@@ -39,7 +39,8 @@ def _agc_rows(w_ptr, g_ptr, fan_in, clip, eps, BLOCK: tl.constexpr):
 
 
 def clip_rows_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float) -> None:
-    """Scale g in place, row by row of w.reshape(len(w), -1) (both contiguous, same shape)."""
+    """Scale g in place, unit by unit (w[i] and g[i]: both contiguous or both channels-last, so
+    that each unit is a contiguous row of memory; the norms do not depend on its order)."""
     fan_in = w[0].numel()
     block = min(1024, triton.next_power_of_2(max(fan_in, 16)))
     _agc_rows[(w.shape[0],)](w, g, fan_in, float(clip), float(eps), BLOCK=block)

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layers import layout
+
 
 @triton.jit
 def _abs_key(x, KEY_BITS: tl.constexpr):
@@ -219,8 +221,9 @@ _ELEMENTWISE_BLOCK = 1024
 
 
 def masked_relu_forward(x: torch.Tensor, gain: float, max_value: float | None):
-    """(gain * relu(x) clipped at max_value if given, bitmask of where the gradient passes)."""
-    x = x.contiguous()
+    """(gain * relu(x) clipped at max_value if given, bitmask of where the gradient passes);
+    elementwise over x's memory (a channels-last x stays channels-last, its bits in that order)."""
+    x = x.contiguous(memory_format=layout.memory_format(x))
     y = torch.empty_like(x)
     nbytes = (x.numel() + 7) // 8
     bits = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
@@ -231,7 +234,8 @@ def masked_relu_forward(x: torch.Tensor, gain: float, max_value: float | None):
 
 
 def masked_relu_backward(gy: torch.Tensor, bits: torch.Tensor, gain: float) -> torch.Tensor:
-    gy = gy.contiguous()
+    """gy (in the memory format the forward's x had) times the pass mask and the gain."""
+    gy = gy.contiguous(memory_format=layout.memory_format(gy))
     gx = torch.empty_like(gy)
     grid = (triton.cdiv(gy.numel(), _ELEMENTWISE_BLOCK),)
     _masked_relu_bwd[grid](gy, bits, gx, gy.numel(), bits.numel(), float(gain), BLOCK=_ELEMENTWISE_BLOCK)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layers import layout
+
 
 @triton.jit
 def _row_mean(w_ptr, m_ptr, base, fan_in, HAS_MASK: tl.constexpr, ACTIVE: tl.constexpr, CENTER: tl.constexpr,
@@ -154,11 +156,13 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps, H
 
 
 def _rows(weight: torch.Tensor, mask: torch.Tensor | None):
+    """Weight and mask as (out, fan_in) rows in the weight's memory order (a channel's
+    statistics do not depend on the order of its fan-in)."""
     out_ch = weight.shape[0]
-    w2 = weight.reshape(out_ch, -1).contiguous()
+    w2 = layout.rows(weight, out_ch)
     m2 = None
     if mask is not None:
-        m2 = mask.reshape(out_ch, -1).contiguous()
+        m2 = layout.rows(mask.contiguous(memory_format=layout.memory_format(weight)), out_ch)
         if m2.dtype == torch.bool:
             m2 = m2.view(torch.uint8)
     fan_in = w2.shape[1]
@@ -177,15 +181,15 @@ def standardize_forward(weight, gain, mask, active: bool, unbiased: bool, eps: f
     out = torch.empty_like(w2)
     _standardize_fwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, out, fan_in, eps,
                                      **_flags(m2, active, unbiased, center), BLOCK=block)
-    return out.view_as(weight)
+    return layout.from_rows(out, weight.shape, layout.is_channels_last(weight))
 
 
 def standardize_backward(grad, weight, gain, mask, active: bool, unbiased: bool, eps: float, center: bool = True):
     """(dL/dweight, dL/dgain) given dL/dw_hat."""
     w2, m2, fan_in, block = _rows(weight, mask)
-    gy = grad.reshape(w2.shape).contiguous()
+    gy = layout.rows(grad.contiguous(memory_format=layout.memory_format(weight)), w2.shape[0])
     dw = torch.empty_like(w2)
     dg = torch.empty(w2.shape[0], dtype=torch.float32, device=w2.device)
     _standardize_bwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, gy, dw, dg, fan_in, eps,
                                      **_flags(m2, active, unbiased, center), BLOCK=block)
-    return dw.view_as(weight), dg.to(gain.dtype)
+    return layout.from_rows(dw, weight.shape, layout.is_channels_last(weight)), dg.to(gain.dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import use_triton
+from ..layers import layout
 from .packing import keep_count, pack_activation, pack_bits, unpack_activation, unpack_bits
 
 
@@ -27,13 +28,10 @@ class SAPConfig:
 
 def selection_rows(x: torch.Tensor, cfg: SAPConfig) -> torch.Tensor:
     """x as a matrix whose rows select their top entries independently: one per sample
-    (per_sample) or one for the whole tensor."""
-    return x.reshape(x.shape[0] if cfg.per_sample else 1, -1)
-
-
-def from_selection_rows(rows: torch.Tensor, shape, cfg: SAPConfig) -> torch.Tensor:
-    """Inverse of selection_rows."""
-    return rows.reshape(shape)
+    (per_sample) or one for the whole tensor; in x's memory order (a channels-last input
+    stays where it is: which entries are kept does not depend on the order, only which of
+    equal ones are)."""
+    return layout.rows(x, x.shape[0] if cfg.per_sample else 1)
 
 
 def autocast_dtype(dev: str):
@@ -70,6 +68,7 @@ class _SavedInput:
         if cfg.gamma == 0.0:
             ctx.packing = "dense"
             return [x]
+        ctx.channels_last = layout.is_channels_last(x)
         rows = selection_rows(x, cfg)
         ctx.rows_shape = rows.shape
         if cfg.per_sample and use_triton(x):
@@ -88,9 +87,10 @@ class _SavedInput:
         if ctx.packing == "fused":
             from ..kernels.packing import unpack_rows
 
-            return unpack_rows(saved[0], saved[1], saved[2], ctx.x_shape, ctx.keep)
-        rows = unpack_activation(saved[0], saved[1], ctx.rows_shape)
-        return from_selection_rows(rows, ctx.x_shape, ctx.cfg)
+            rows = unpack_rows(saved[0], saved[1], saved[2], ctx.rows_shape, ctx.keep)
+        else:
+            rows = unpack_activation(saved[0], saved[1], ctx.rows_shape)
+        return layout.from_rows(rows, ctx.x_shape, ctx.channels_last)
 
 
 class SAPConv2dFunction(torch.autograd.Function):
@@ -166,6 +166,7 @@ class MaskedReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gain, max_value):
         ctx.shape, ctx.gain, ctx.fused = x.shape, gain, use_triton(x)
+        ctx.memory_format = layout.memory_format(x)  # the fused kernels keep x's layout
         if ctx.fused:
             from ..kernels.packing import masked_relu_forward
 
@@ -183,7 +184,7 @@ class MaskedReLUFunction(torch.autograd.Function):
         if ctx.fused:
             from ..kernels.packing import masked_relu_backward
 
-            return masked_relu_backward(gy, bits, ctx.gain), None, None
+            return masked_relu_backward(gy.contiguous(memory_format=ctx.memory_format), bits, ctx.gain), None, None
         mask = unpack_bits(bits, gy.numel()).view(ctx.shape)
         g = gy * mask
         return (g * ctx.gain if ctx.gain != 1.0 else g), None, None

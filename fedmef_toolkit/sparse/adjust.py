@@ -7,7 +7,7 @@ import torch
 
 def smallest_active(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k active entries with the smallest |w| (theta_low for the layer)."""
-    out = torch.zeros_like(mask)
+    out = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device)  # contiguous whatever mask's layout
     if k <= 0:
         return out
     scores = weight.detach().abs().float().masked_fill(~mask, float("inf")).flatten()
@@ -17,7 +17,7 @@ def smallest_active(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.T
 
 def largest_inactive(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k candidate entries with the largest |score|."""
-    out = torch.zeros_like(candidates)
+    out = torch.zeros(candidates.shape, dtype=candidates.dtype, device=candidates.device)
     if k <= 0:
         return out
     s = score.detach().abs().float().masked_fill(~candidates, -1.0).flatten()
