@@ -172,8 +172,8 @@ class Recipe:
     device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
     precision: str = _f("fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
     cuda_graphs: bool = _f(True, help="replay client steps from CUDA graphs (CUDA only; eager where it cannot)")
-    channels_last: str = _f("auto", choices=["auto", "on", "off"],
-                            help="client models and batches in channels-last memory format (auto: on CUDA)")
+    channels_last: bool | None = _f(None, help="client models and batches in channels-last memory format "
+                                    "(null: on CUDA, off on the CPU)")
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     fl: FLSpec = field(default_factory=FLSpec)
@@ -458,7 +458,7 @@ def load_recipe(name: str, overrides: list[str] | None = None, need_data: bool =
 #: keys added after runs were first saved, with the value that reproduces what such a run did
 #: (its model, its engine); a saved recipe.yaml always holds every key of its own version
 SAVED_RUN_DEFAULTS = {"model.nsconv.center_depthwise": True, "model.nsconv.center_head": False,
-                      "fl.batched_clients": 0, "fl.flower": {}}
+                      "fl.batched_clients": 0, "fl.flower": {}, "channels_last": False}
 
 
 def load_saved_recipe(path: str, overrides: list[str] | None = None,

@@ -64,7 +64,7 @@ def test_channels_last_clients_train_as_channels_first_ones(tmp_path, method):
             "method.sparsity.t_end": 4, "fl.agc": 0.16}
     results = {}
     for fmt in ("off", "on"):
-        rec = recipe_from_dict(small_recipe(tmp_path / fmt, **over, channels_last=fmt))
+        rec = recipe_from_dict(small_recipe(tmp_path / fmt, **over, channels_last=fmt == "on"))
         sim = Simulator(rec, tmp_path / fmt / "runs" / "run", show_progress=False)
         sim.run_round(1)
         results[fmt] = sim.model.state_dict()

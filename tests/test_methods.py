@@ -44,9 +44,9 @@ def test_registry_drives_recipe_choices_and_sections():
 
 def test_digests_of_existing_recipes_unchanged_and_other_sections_ignored():
     # digests computed before the registry existed (issue 13): resuming old runs still works.
-    # Those runs' saved recipes lack fl.flower and model.nsconv.center_head (added later), which
-    # resume leaves out of the digest (`load_saved_recipe`), as here
-    old = ("fl.flower", "model.nsconv.center_head")
+    # Those runs' saved recipes lack fl.flower, model.nsconv.center_head and channels_last (added
+    # later), which resume leaves out of the digest (`load_saved_recipe`), as here
+    old = ("fl.flower", "model.nsconv.center_head", "channels_last")
     assert load_recipe("quickstart.yaml").digest(without=old) == "336c1c474782b381"
     over = ["data.root=null", "data.dataset=synthetic"]
     assert load_recipe("feddst_resnet18_cifar10.yaml", over).digest(without=old) == "5336e309576dcdd4"

@@ -59,13 +59,11 @@ class ClientTrainer:
 
     def __init__(self, train_x, train_y, augment, *, epochs: int, batch_size: int, momentum: float,
                  weight_decay: float, precision: str = "fp32", cuda_graphs: bool = True, agc: float = 0.0,
-                 channels_last: str = "auto"):
+                 channels_last: bool | None = None):
         self.train_x, self.train_y = train_x, train_y
-        if channels_last not in ("auto", "on", "off"):
-            raise ValueError(f"channels_last must be 'auto', 'on' or 'off', got {channels_last!r}")
-        # channels-last: cuDNN's bf16/TF32 convolutions run in NHWC; a channels-first network pays
-        # a layout conversion around each of them (11% of GPU time in a narrow ResNet's round)
-        self.channels_last = channels_last == "on" or (channels_last == "auto" and train_x.is_cuda)
+        # channels-last (None: on CUDA): cuDNN's bf16/TF32 convolutions run in NHWC; a channels-first
+        # network pays a layout conversion around each of them (11% of GPU time in a narrow ResNet's round)
+        self.channels_last = train_x.is_cuda if channels_last is None else bool(channels_last)
         self.agc = agc
         self.augment = augment
         self.epochs, self.batch_size = epochs, batch_size
@@ -100,7 +98,8 @@ class ClientTrainer:
         """A GraphedStep for `model` with this trainer's optimiser settings; `stream`: the
         CUDA stream it is captured on (None: a private one)."""
         return GraphedStep(model, batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
-                           agc=self.agc, autocast=self.autocast, cuda_graphs=self.cuda_graphs, stream=stream)
+                           agc=self.agc, autocast=self.autocast, cuda_graphs=self.cuda_graphs, stream=stream,
+                           channels_last=self.channels_last)
 
     def graph_status(self) -> str:
         """One line for the run log: whether client steps were replayed from CUDA graphs."""

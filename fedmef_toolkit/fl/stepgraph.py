@@ -128,7 +128,7 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, *, batch_size: int, momentum: float, weight_decay: float, agc: float,
                  autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None,
-                 pad_short_batches: bool | None = None):
+                 pad_short_batches: bool | None = None, channels_last: bool = False):
         self.model = model
         self.batch_size = batch_size
         self.momentum, self.weight_decay, self.agc = momentum, weight_decay, agc
@@ -136,6 +136,9 @@ class GraphedStep:
         self.device = next(model.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.stream = stream  # where the graph is captured (None: a private side stream)
+        # every batch in one layout, padded or not, replayed or eager: SAP keeps the first of
+        # equal entries in memory order, so the layout must not change from step to step
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.plan = ClientPlan(0.0)
         self.loss_sum = torch.zeros((), device=self.device)
         mixing = batch_mixing_layer(model)
@@ -188,6 +191,8 @@ class GraphedStep:
             if n != self._count_value:  # full batches leave it as it is: no kernel per step
                 self._count.fill_(n)
                 self._count_value = n
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)  # no copy where it already is
         if isinstance(lr, torch.Tensor):  # computed on the device (BaE's step size): no host sync
             self.lr.copy_(lr)
         else:
