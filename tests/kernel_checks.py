@@ -91,7 +91,7 @@ def check_radix_select(dev):
     inf, rows shorter and longer than a chunk, keep counts from 1 to n), in every float dtype."""
     gen = torch.Generator().manual_seed(4)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n in (1, 9, 300, CHUNK + 17):
+        for n in (1, 9, 300, CHUNK + 17, 5 * CHUNK + 3):
             x = torch.randn(3, n, generator=gen) * torch.logspace(-8, 4, n)[torch.randperm(n, generator=gen)]
             x[0, : n // 3] = 0.0
             if n > 5:

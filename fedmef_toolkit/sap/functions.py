@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from ..kernels import use_triton
 from ..layers import layout
@@ -65,6 +66,7 @@ class _SavedInput:
     @staticmethod
     def pack(ctx, x: torch.Tensor, cfg: SAPConfig) -> list[torch.Tensor]:
         ctx.x_shape, ctx.cfg = x.shape, cfg
+        ctx.memory_format = layout.memory_format(x)
         if cfg.gamma == 0.0:
             ctx.packing = "dense"
             return [x]
@@ -118,18 +120,23 @@ class SAPConv2dFunction(torch.autograd.Function):
             weight, *saved = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, in_dtypes = ctx.conf
         gy = gy.to(weight.dtype)
-        gx = gw = gb = None
-        # Weight gradient first, so the unpacked input is freed before the input
-        # gradient (the same size) is allocated: one input-sized tensor less at the peak.
-        if ctx.needs_input_grad[1]:
-            x_pruned = _SavedInput.unpack(ctx, saved)
-            del saved
-            gw = torch.nn.grad.conv2d_weight(x_pruned, weight.shape, gy, stride, padding, dilation, groups).to(in_dtypes[1])
-            del x_pruned
-        if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, gy, stride, padding, dilation, groups).to(in_dtypes[0])
-        if has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(dim=(0, 2, 3)).to(in_dtypes[2])
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = has_bias and ctx.needs_input_grad[2]
+        # One convolution_backward for all three: the input gradient reads only the weight (exact),
+        # the weight gradient the pruned input. (torch.nn.grad.conv2d_input hands cuDNN an expanded
+        # stand-in input, which it first copies to a full input-sized tensor: a strided copy per
+        # layer, a fifth of a FedMef ResNet18 step's GPU time at batch 640 on an H200, measured.)
+        if need_w:
+            x_in = _SavedInput.unpack(ctx, saved)
+        else:  # its values are not read: an input-shaped tensor in the layout of x
+            x_in = torch.empty(ctx.x_shape, dtype=weight.dtype, device=gy.device, memory_format=ctx.memory_format)
+        del saved
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x_in, weight, [weight.shape[0]] if need_b else None, _pair(stride), _pair(padding), _pair(dilation),
+            False, [0, 0], groups, [need_x, need_w, need_b])
+        gx = gx.to(in_dtypes[0]) if need_x else None
+        gw = gw.to(in_dtypes[1]) if need_w else None
+        gb = gb.to(in_dtypes[2]) if need_b else None
         return gx, gw, gb, None, None, None, None, None, None
 
 
