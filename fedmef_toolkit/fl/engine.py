@@ -44,11 +44,12 @@ class SequentialEngine:
 
 ENGINES = {"sequential": SequentialEngine, "batched": StreamsEngine}
 
-#: what `fl.engine: auto` picks on a GPU: measured alone on an H200 (benchmarks/bench_engine.py,
-#: docs/benchmarks.md, issue 10), the batched engine ran the FedMef recipes at 1.71x (ResNet18),
-#: 1.72x (MobileNetV2) and 2.31x (narrow ResNet) the sequential engine's samples/s (rounds 2-6).
+#: what `fl.engine: auto` picks on a GPU: measured alone on one GPU (benchmarks/bench_engine.py,
+#: docs/benchmarks.md, issue 10), the batched engine ran the FedMef recipes at 1.57x (ResNet18,
+#: H200), 1.55x (MobileNetV2, H100) and 1.96x (narrow ResNet, H200) the sequential engine's
+#: samples/s (rounds 2-11, a mask adjustment included).
 AUTO_ON_CUDA = "batched"
-AUTO_ON_CUDA_WHY = "1.7-2.3x the sequential engine on an H200, docs/benchmarks.md"
+AUTO_ON_CUDA_WHY = "1.5-2.0x the sequential engine on an H100/H200, docs/benchmarks.md"
 
 
 def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tuple[str, str]:
