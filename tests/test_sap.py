@@ -64,6 +64,23 @@ def test_sap_conv_gradients_against_dense_reference(groups, gamma):
     assert torch.allclose(b.grad, gb_ref)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "input", "bias"])
+def test_sap_conv_gradients_for_each_subset_of_inputs(frozen):
+    """Only the gradients asked for are computed, each as in the full case: a frozen weight
+    (no pruned input needed) or a frozen input or bias (a channels-last input, too)."""
+    torch.manual_seed(2)
+    x0 = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn(4, 6, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    gy = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x, w, b = (t.clone().requires_grad_(name != frozen) for name, t in (("input", x0), ("weight", w0), ("bias", b0)))
+    sap_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, SAPConfig(0.5, True)).backward(gy)
+    kept = x0 * topk_keep_mask(x0, 0.5, True)
+    gx_ref, _, gb_ref = dense_conv_grads(x0, w0, b0, gy, 1, 1, 1)
+    _, gw_ref, _ = dense_conv_grads(kept, w0, b0, gy, 1, 1, 1)
+    for t, ref, name in ((x, gx_ref, "input"), (w, gw_ref, "weight"), (b, gb_ref, "bias")):
+        assert (t.grad is None) if name == frozen else torch.allclose(t.grad, ref), name
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.7])
 def test_sap_linear_gradients(gamma):
     torch.manual_seed(1)
