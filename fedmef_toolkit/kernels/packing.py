@@ -67,15 +67,23 @@ def _chosen_digits(hist_ptr, row, k, PASS: tl.constexpr, PASSES: tl.constexpr):
 
 
 @triton.jit
-def _radix_hist(x_ptr, hist_ptr, n, k, PASS: tl.constexpr, PASSES: tl.constexpr, KEY_BITS: tl.constexpr,
-                CHUNK: tl.constexpr):
-    """Pass PASS of the radix select, one chunk of a row: the histogram of digit PASS of the
-    keys that carry the digits chosen so far, added to the row's bins."""
+def _load_chunk(x_ptr, n, CHUNK: tl.constexpr):
+    """This program's (row, chunk index, entry indices, in-row flags, values): chunk c of row r
+    for program (r, c); entries past the row's end read as 0."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     idx = c * CHUNK + tl.arange(0, CHUNK)
     inb = idx < n
-    key = _abs_key(tl.load(x_ptr + row * n + idx, mask=inb, other=0.0), KEY_BITS)
+    return row, c, idx, inb, tl.load(x_ptr + row * n + idx, mask=inb, other=0.0)
+
+
+@triton.jit
+def _radix_hist(x_ptr, hist_ptr, n, k, PASS: tl.constexpr, PASSES: tl.constexpr, KEY_BITS: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """Pass PASS of the radix select, one chunk of a row: the histogram of digit PASS of the
+    keys that carry the digits chosen so far, added to the row's bins."""
+    row, c, idx, inb, x = _load_chunk(x_ptr, n, CHUNK)
+    key = _abs_key(x, KEY_BITS)
     prefix, _ = _chosen_digits(hist_ptr, row, k, PASS, PASSES)
     shift: tl.constexpr = 8 * (PASSES - 1 - PASS)
     if PASS == 0:
@@ -93,11 +101,8 @@ def _radix_hist(x_ptr, hist_ptr, n, k, PASS: tl.constexpr, PASSES: tl.constexpr,
 def _count_chunk(x_ptr, hist_ptr, above_ptr, ties_ptr, n, k, chunks, PASSES: tl.constexpr,
                  KEY_BITS: tl.constexpr, CHUNK: tl.constexpr):
     """Per (row, chunk): keys above the row's threshold key, and equal to it."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    inb = idx < n
-    key = _abs_key(tl.load(x_ptr + row * n + idx, mask=inb, other=0.0), KEY_BITS)
+    row, c, idx, inb, x = _load_chunk(x_ptr, n, CHUNK)
+    key = _abs_key(x, KEY_BITS)
     t, _ = _chosen_digits(hist_ptr, row, k, PASSES, PASSES)
     tl.store(above_ptr + row * chunks + c, tl.sum(((key > t) & inb).to(tl.int32), axis=0))
     tl.store(ties_ptr + row * chunks + c, tl.sum(((key == t) & inb).to(tl.int32), axis=0))
@@ -108,8 +113,7 @@ def _pack_chunk(x_ptr, hist_ptr, above_ptr, ties_ptr, bits_ptr, vals_ptr, offset
                 PASSES: tl.constexpr, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
     """Keeps keys above t and the first ties in row order until k are kept; writes the chunk's
     keep bits, its kept values at their place in the row's value list, and that place."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    row, c, idx, inb, x = _load_chunk(x_ptr, n, CHUNK)
     # where this chunk starts: from the row's per-chunk counts (a few dozen numbers)
     cs = tl.arange(0, MAX_CHUNKS)
     above = tl.load(above_ptr + row * chunks + cs, mask=cs < chunks, other=0)
@@ -118,9 +122,6 @@ def _pack_chunk(x_ptr, hist_ptr, above_ptr, ties_ptr, bits_ptr, vals_ptr, offset
     ties_before = tl.sum(tl.where(cs < c, ties, 0), axis=0)
     kept_before = tl.sum(tl.where(cs < c, above, 0), axis=0) + tl.minimum(ties_before, ties_to_keep)
     tl.store(offsets_ptr + row * chunks + c, kept_before)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    inb = idx < n
-    x = tl.load(x_ptr + row * n + idx, mask=inb, other=0.0)
     key = _abs_key(x, KEY_BITS)
     t, _ = _chosen_digits(hist_ptr, row, k, PASSES, PASSES)
     tie = ((key == t) & inb).to(tl.int32)
