@@ -43,6 +43,35 @@ def _run(tmp_path, engine, **over):
     return sim, sim.run()
 
 
+def test_bae_plans_travel_with_their_penalty_or_without_one():
+    """An extrusion round's plan carries lambda, the kind and theta_low once (the growth request
+    is rebuilt from it); a plan whose penalty has no targets (every layer dense, or a round that
+    does not extrude) travels without one, and its client still runs (step size from norm 0)."""
+    from fedmef_toolkit.fl.plan import MaskedWeightPenalty
+    from fedmef_toolkit.fl.strategies.fedmef import BaEPlan
+    from fedmef_toolkit.recipe import BaESpec
+
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    mask = torch.rand(model[0].weight.shape, generator=g) < 0.5
+    model[0].register_buffer("weight_mask", mask)
+    low = mask & (torch.rand(mask.shape, generator=g) < 0.3)
+    penalty = MaskedWeightPenalty("l2sq", {"0": model[0].weight})
+    for targets in ({"0": low}, {}):
+        penalty.set_(targets, 0.2)
+        request = {"0": (int(low.sum()), ~mask | low)} if targets else None
+        plan = BaEPlan(0.1, request, False, penalty, BaESpec(lam=0.2), lr0=0.1, window_offset=0)
+        arrays, cfg = codec.encode_plan(plan, {"0": mask})
+        back = codec.decode_plan(arrays, cfg, {"0": mask}, "cpu")
+        if targets:
+            assert back.penalty().targets == ("0",) and back.penalty().lam_value == 0.2
+            assert torch.equal(back.penalty().masks["0"].bool(), low) and not any(k.startswith("request.") for k in arrays)
+            assert torch.equal(back.request["0"][1], ~mask | low) and back.request["0"][0] == int(low.sum())
+        else:
+            assert back.penalty() is None and back.request is None
+        back.begin(model, total_steps=4)
+        assert float(back.step_lr(0, model)) >= 0.1  # BaE's step size: at least eta
+
 def test_state_codec_is_exact_and_counts_what_accounting_counts():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 4, 3, 3, generator=g)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import layout
 from ..sparse.masks import prunable_modules
 from .plan import ClientPlan
 from .stepgraph import GraphedStep
@@ -63,7 +64,7 @@ class ClientTrainer:
         self.train_x, self.train_y = train_x, train_y
         # channels-last (None: on CUDA): cuDNN's bf16/TF32 convolutions run in NHWC; a channels-first
         # network pays a layout conversion around each of them (11% of GPU time in a narrow ResNet's round)
-        self.channels_last = train_x.is_cuda if channels_last is None else bool(channels_last)
+        self.channels_last = layout.channels_last_for(channels_last, train_x.device)
         self.agc = agc
         self.augment = augment
         self.epochs, self.batch_size = epochs, batch_size
@@ -98,8 +99,7 @@ class ClientTrainer:
         """A GraphedStep for `model` with this trainer's optimiser settings; `stream`: the
         CUDA stream it is captured on (None: a private one)."""
         return GraphedStep(model, batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
-                           agc=self.agc, autocast=self.autocast, cuda_graphs=self.cuda_graphs, stream=stream,
-                           channels_last=self.channels_last)
+                           agc=self.agc, autocast=self.autocast, cuda_graphs=self.cuda_graphs, stream=stream)
 
     def graph_status(self) -> str:
         """One line for the run log: whether client steps were replayed from CUDA graphs."""

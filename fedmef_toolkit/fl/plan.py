@@ -15,22 +15,28 @@ class MaskedWeightPenalty:
     layer's weight times its mask (one norm over all of them): BaE's extrusion term (SPEC 3).
 
     Its gradient, 2 lam w m or lam w m / ||theta_m||, is added to the local step's gradients in
-    closed form (`add_grad_`: a few multi-tensor kernels, no autograd graph), before the
-    gradient masks and clipping, as autograd would have added it. `value` is the same term
-    through autograd (a reference for tests and logs).
+    closed form (`add_grad_`: one multi-tensor kernel for "l2sq", a few for "l2"; no autograd
+    graph), before the gradient masks and clipping, as autograd would have added it. `value` is
+    the same term through autograd (the reference the tests compare against).
 
     The masks and lam are tensors owned by the strategy and written in place from round to
-    round (`set_`; lam 0 where a round does not extrude): a step captured in a CUDA graph
-    (fl/stepgraph.py) reads them at their addresses, so the rounds before, during and after an
-    extrusion window replay one graph instead of capturing a new one at each change."""
+    round (`set_`; lam 0 and no targets where a round does not extrude): a step captured in a
+    CUDA graph (fl/stepgraph.py) reads them at their addresses, so the rounds before, during and
+    after an extrusion window replay one graph instead of capturing a new one at each change.
+    `like`: per layer a tensor with the weight's shape and the memory format the client models
+    train in (multi-tensor kernels take their fast path only where all operands share a layout).
+    """
 
-    def __init__(self, kind: str, weights: dict[str, torch.Tensor]):
+    def __init__(self, kind: str, like: dict[str, torch.Tensor]):
         if kind not in ("l2sq", "l2"):
             raise ValueError(f"penalty must be 'l2sq' or 'l2', got {kind!r}")
         self.kind = kind
-        first = next(iter(weights.values()))
-        self.masks = {n: torch.zeros_like(w, dtype=first.dtype) for n, w in weights.items()}
-        self.lam = torch.zeros((), dtype=first.dtype, device=first.device)
+        first = next(iter(like.values()))
+        dtype = first.dtype if first.is_floating_point() else torch.float32
+        self.masks = {n: torch.zeros_like(t, dtype=dtype) for n, t in like.items()}
+        # "l2sq": the gradient's factor per entry, 2 lam m (written with the masks): grad += w * it
+        self.scaled = {n: torch.zeros_like(m) for n, m in self.masks.items()} if kind == "l2sq" else {}
+        self.lam = torch.zeros((), dtype=dtype, device=first.device)
         self.targets: tuple[str, ...] = ()  # the layers `set_` gave masks (the others' are zero)
         self.lam_value = 0.0  # what `lam` holds, on the host
 
@@ -46,6 +52,8 @@ class MaskedWeightPenalty:
             else:
                 m.zero_()
         self.lam.fill_(lam)
+        for n, scaled in self.scaled.items():
+            scaled.copy_(self.masks[n]).mul_(2.0 * float(lam))
         self.targets, self.lam_value = tuple(targets), float(lam)
 
     @property
@@ -56,7 +64,8 @@ class MaskedWeightPenalty:
 
     def graph_key(self) -> tuple:
         """What a graph of a step that applies this penalty reads: its tensors' addresses."""
-        return (id(self), self.kind, self.lam.data_ptr(), tuple(m.data_ptr() for m in self.masks.values()))
+        tensors = [self.lam, *self.masks.values(), *self.scaled.values()]
+        return (id(self), self.kind, tuple(t.data_ptr() for t in tensors))
 
     def norm(self, weights: list[torch.Tensor], order: int = 2) -> torch.Tensor:
         """||theta_m|| (L1 with order=1) of `weights`, listed in the order of `masks`."""
@@ -69,15 +78,17 @@ class MaskedWeightPenalty:
         return self.lam * (sq if self.kind == "l2sq" else torch.sqrt(sq + 1e-24))
 
     @torch.no_grad()
-    def add_grad_(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """grads += d value / d weights, in place; both lists in the order of `masks`."""
-        low = torch._foreach_mul(weights, list(self.masks.values()))
+    def add_grad_(self, names: list[str], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """grads += d value / d weights, in place, for the layers `names` (a layer left out, e.g.
+        one without a gradient, gets nothing; the norm of "l2" is over the given layers)."""
+        if not names:
+            return
         if self.kind == "l2sq":
-            coef = 2.0 * self.lam
-        else:
-            sq = torch.stack(torch._foreach_norm(low)).square().sum()
-            coef = self.lam * torch.rsqrt(sq + 1e-24)
-        torch._foreach_mul_(low, coef)
+            torch._foreach_addcmul_(grads, weights, [self.scaled[n] for n in names])
+            return
+        low = torch._foreach_mul(weights, [self.masks[n] for n in names])
+        sq = torch.stack(torch._foreach_norm(low)).square().sum()
+        torch._foreach_mul_(low, self.lam * torch.rsqrt(sq + 1e-24))
         torch._foreach_add_(grads, low)
 
 
@@ -90,7 +101,8 @@ class ClientPlan:
         """Called once before the first local step."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """A term added to the task loss at every step (e.g. BaE's penalty). It is part of the
+        """A term added to the task loss at every step, through autograd (a penalty on masked
+        weights, such as BaE's, is `penalty` instead: no autograd graph). It is part of the
         local step that is captured in a CUDA graph (fl/stepgraph.py): it must compute the same
         thing at every step of a client from tensors whose values may change in place, and
         every tensor it reads other than the model's parameters and buffers, and every

@@ -80,6 +80,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import layout
 from ..sap.functions import SAPConfig, autocast_dtype
 from ..sap.packing import sync_free_packing
 from ..sparse.masks import prunable_modules
@@ -128,7 +129,7 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, *, batch_size: int, momentum: float, weight_decay: float, agc: float,
                  autocast, cuda_graphs: bool, stream: torch.cuda.Stream | None = None,
-                 pad_short_batches: bool | None = None, channels_last: bool = False):
+                 pad_short_batches: bool | None = None):
         self.model = model
         self.batch_size = batch_size
         self.momentum, self.weight_decay, self.agc = momentum, weight_decay, agc
@@ -136,8 +137,10 @@ class GraphedStep:
         self.device = next(model.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.stream = stream  # where the graph is captured (None: a private side stream)
-        # every batch in one layout, padded or not, replayed or eager: SAP keeps the first of
-        # equal entries in memory order, so the layout must not change from step to step
+        # every batch in the model's layout, padded or not, replayed or eager: SAP keeps the first
+        # of equal entries in memory order, so the layout must not change from step to step
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        channels_last = bool(convs) and all(map(layout.is_channels_last, convs))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.plan = ClientPlan(0.0)
         self.loss_sum = torch.zeros((), device=self.device)
@@ -155,7 +158,7 @@ class GraphedStep:
         self.replays = self.eager_steps = self.captures = 0
         self.eager_why: dict[str, int] = {}  # why steps ran eagerly, with CUDA graphs on
         self._bound_key = None
-        self._penalized: list[int] = []  # indices (into params) of the penalty's weights, in its order
+        self._penalized: list[tuple[str, int]] = []  # the penalty's layers: (name, index into params)
         self.binds = 0  # how often the step's tensors were collected anew (each drops the graph)
         self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
@@ -222,9 +225,10 @@ class GraphedStep:
         total = loss if extra is None else loss + extra
         grads = list(torch.autograd.grad(total, self.params, allow_unused=True))
         with torch.no_grad():
-            if self._penalized:
-                self.plan.penalty().add_grad_([self.params[i] for i in self._penalized],
-                                              [grads[i] for i in self._penalized])
+            live = [(n, i) for n, i in self._penalized if grads[i] is not None]
+            if live:
+                self.plan.penalty().add_grad_([n for n, _ in live], [self.params[i] for _, i in live],
+                                              [grads[i] for _, i in live])
             self._update(grads)
             self.loss_sum.add_(loss.detach().float())
             self.started.fill_(1.0)
@@ -292,7 +296,8 @@ class GraphedStep:
         self.masks = [m for _, m in pairs]
         self._clipped = [index[id(p)] for p in agc_weights(self.model) if id(p) in index] if self.agc > 0 else []
         penalty, modules = self.plan.penalty(), prunable_modules(self.model)
-        self._penalized = [index[id(modules[n].weight)] for n in penalty.masks] if penalty is not None else []
+        self._penalized = [(n, index[id(modules[n].weight)]) for n in (penalty.masks if penalty is not None else ())
+                           if id(modules[n].weight) in index]  # trainable ones only
         self.binds += 1
         self._bound_key = key
 

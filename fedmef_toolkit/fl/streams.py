@@ -73,7 +73,7 @@ def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     from ..memory.measure import saved_tensor_bytes
 
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    probe = copy.deepcopy(model)
+    probe = trainer.prepare_worker(copy.deepcopy(model))  # as a worker will train it
     x = trainer.augment.normalize(trainer.train_x[:trainer.batch_size])
     y = trainer.train_y[:trainer.batch_size]
     dtype = torch.bfloat16 if trainer.precision == "bf16" and x.is_cuda else None

@@ -216,7 +216,8 @@ def decode_plan(arrays: dict[str, np.ndarray], config: dict, model_masks: dict[s
             value = {k: _get_tensor(arrays, meta, key, device) for k, key in spec["tensor_dict"].items()}
         elif "penalty" in spec:
             masks = {k: _get_tensor(arrays, meta, key, device) for k, key in spec["penalty"]["masks"].items()}
-            value = MaskedWeightPenalty(spec["penalty"]["kind"], {k: m.float() for k, m in masks.items()})
+            # in the worker's layout (its masks'): the step's multi-tensor kernels need one layout
+            value = MaskedWeightPenalty(spec["penalty"]["kind"], {k: model_masks[k].to(device) for k in masks})
             value.set_(masks, spec["penalty"]["lam"])
         elif "dataclass" in spec:
             dc = _load_class(spec["dataclass"])
@@ -230,7 +231,7 @@ def decode_plan(arrays: dict[str, np.ndarray], config: dict, model_masks: dict[s
             plan.request = None
         else:
             if req["from"] == "penalty":
-                lows = {n: plan._penalty.masks[n].bool() for n in req["layers"]}
+                lows = {n: plan.penalty().masks[n].bool() for n in req["layers"]}
             else:
                 lows = {n: _get_tensor(arrays, meta, f"request.{n}", device) for n in req["layers"]}
             plan.request = {n: (int(req["k"][n]), ~model_masks[n].to(device) | lows[n].to(device))

@@ -28,9 +28,13 @@ def _agc_rows(w_ptr, g_ptr, fan_in, clip, eps, BLOCK: tl.constexpr):
         g = tl.load(g_ptr + base + idx, mask=inb, other=0.0).to(tl.float32)
         acc_w += w * w
         acc_g += g * g
-    w_norm = tl.maximum(tl.sqrt(tl.sum(acc_w, axis=0)), eps)
-    g_norm = tl.maximum(tl.sqrt(tl.sum(acc_g, axis=0)), 1e-6)
-    scale = tl.minimum(w_norm * clip / g_norm, 1.0)
+    w_norm = tl.sqrt(tl.sum(acc_w, axis=0))
+    g_norm = tl.sqrt(tl.sum(acc_g, axis=0))
+    # NaN passes through the clamps, as in PyTorch (a diverged row stays visibly diverged)
+    w_norm = tl.where(w_norm == w_norm, tl.maximum(w_norm, eps), w_norm)
+    g_norm = tl.where(g_norm == g_norm, tl.maximum(g_norm, 1e-6), g_norm)
+    ratio = w_norm * clip / g_norm
+    scale = tl.where(ratio == ratio, tl.minimum(ratio, 1.0), ratio)
     for start in range(0, fan_in, BLOCK):
         idx = start + offs
         inb = idx < fan_in

@@ -36,3 +36,8 @@ def from_rows(r: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def channels_last_for(setting: bool | None, device: torch.device) -> bool:
+    """The recipe's `channels_last` resolved: None means on CUDA, off elsewhere."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)

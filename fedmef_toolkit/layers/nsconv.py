@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import use_triton
+from . import layout
 
 
 def _stats(w2, m2, stats, unbiased, eps, center=True):
@@ -102,7 +103,9 @@ class _Standardize(torch.autograd.Function):
             dw = dc - dc.mean(dim=1, keepdim=True)
             if m2 is not None:
                 dw = dw * m2
-        return dw.reshape_as(weight), grad_gain.to(gain.dtype), None, None, None, None, None
+        # in the weight's memory format (channels-last client models), as the fused kernel gives it
+        dw = dw.reshape_as(weight).contiguous(memory_format=layout.memory_format(weight))
+        return dw, grad_gain.to(gain.dtype), None, None, None, None, None
 
 
 def standardize_weight(

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...fields import spec_field
+from ...layers import layout
 
 from ...sparse.adjust import prune_and_grow, smallest_active, sum_messages, topk_message
 from ...sparse.masks import get_masks, prunable_modules
@@ -76,8 +77,8 @@ class GrowthPlan(ClientPlan):
 
 class BaEPlan(GrowthPlan):
     """Budget-aware extrusion: lambda * ||theta_low||^2 added to the loss (`penalty`, its
-    gradient in closed form; its masks and lambda set by the strategy for the round), step
-    size max(eta, beta)."""
+    gradient in closed form; its kind, masks and lambda set by the strategy for the round),
+    step size max(eta, beta) from `bae`'s schedule settings."""
 
     def __init__(self, lr, request, full_grad, penalty: MaskedWeightPenalty, bae, lr0: float, window_offset: int):
         super().__init__(lr, request, full_grad, penalty)
@@ -86,12 +87,16 @@ class BaEPlan(GrowthPlan):
 
     def begin(self, model, total_steps):
         mods = prunable_modules(model)
-        self.weights = [mods[n].weight for n in self._penalty.masks]
+        self.weights = [mods[n].weight for n in self._penalty.masks] if self._penalty is not None else []
+        self.device = next(model.parameters()).device
         self.budget = total_steps * self.bae.rounds
         self.step0 = self.window_offset * total_steps
 
     def low_norm(self, order: str = "l2") -> torch.Tensor:
-        """||theta_low|| on the device, in a few multi-tensor kernels (it runs eagerly every step)."""
+        """||theta_low|| on the device, in a few multi-tensor kernels (it runs eagerly every step);
+        0 without a penalty (no layer has targets: a Flower client gets none then)."""
+        if self._penalty is None:
+            return torch.zeros((), device=self.device)
         return self._penalty.norm(self.weights, 1 if order == "l1" else 2)
 
     def step_lr(self, step, model):
@@ -154,9 +159,13 @@ class FedMef(StaticSparse):
         self.low = {n: m.to(device) for n, m in self.low.items()}
         bae = self.recipe.method.bae
         if bae.enabled:
-            if self.penalty is None:
+            if self.penalty is None:  # its tensors in the layout the client models train in
+                fmt = torch.channels_last if layout.channels_last_for(self.recipe.channels_last, device) else None
                 mods = prunable_modules(model)
-                self.penalty = MaskedWeightPenalty(bae.penalty, {n: mods[n].weight for n in get_masks(model)})
+                like = {n: mods[n].weight for n in get_masks(model)}
+                if fmt is not None:
+                    like = {n: w.contiguous(memory_format=fmt) if w.dim() == 4 else w for n, w in like.items()}
+                self.penalty = MaskedWeightPenalty(bae.penalty, like)
             extruding = self._extruding(t)
             self.penalty.set_(self.low if extruding else {}, bae.lam if extruding else 0.0)
         self.request = None
