@@ -1,0 +1,83 @@
+"""Where one model's training step spends its GPU time at the batch of K clients together.
+
+K clients' steps are the arithmetic of one model on a batch of K x 64, so one model's step at
+that batch bounds any engine that batches clients (`bench_concurrency.py --parts 4` times it from
+a CUDA graph). This script profiles that step eagerly (torch.profiler, CUDA kernels only): GPU
+time per step, the samples/s it allows, kernels per step and the kernels that take the most
+time, for the FedMef model (NSConv, ERK density 0.1, SAP 0.5), the same without SAP and a dense
+BatchNorm model, all channels-last and bf16.
+
+    python benchmarks/profile_bound.py [--arch resnet18] [--batch 640] [--top 22]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from fedmef_toolkit.models import get_model
+from fedmef_toolkit.sap import enable_sap
+from fedmef_toolkit.sparse.masks import apply_masks, attach_masks, init_masks
+
+CONFIGS = [("NSConv, density 0.1, SAP 0.5", "nsconv", 0.5, 0.1), ("NSConv, density 0.1, no SAP", "nsconv", 0.0, 0.1),
+           ("BatchNorm, dense", "bn", 0.0, 1.0)]
+
+
+def eager_step(arch: str, norm: str, sap: float, density: float, batch: int):
+    model = get_model(arch, 10, norm=norm).cuda().to(memory_format=torch.channels_last)
+    if density < 1:
+        attach_masks(model, {k: v.cuda() for k, v in init_masks(model, density, "erk", "random", 0).items()})
+        apply_masks(model)
+    if sap:
+        enable_sap(model, sap)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(batch, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--batch", type=int, default=640, help="K x 64 for K clients together")
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 5 warm-up steps)")
+    ap.add_argument("--top", type=int, default=22, help="kernels listed per configuration")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.arch}, batch {args.batch}, "
+          "bf16, channels-last")
+    for label, norm, sap, density in CONFIGS:
+        step = eager_step(args.arch, norm, sap, density, args.batch)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.device_time for e in kernels) / args.steps  # microseconds per step
+        print(f"\n== {label}: GPU {total / 1e3:.2f} ms/step ({args.batch / (total / 1e6):,.0f} samples/s if the GPU "
+              f"never idled), {len(kernels) / args.steps:.0f} kernels/step")
+        by_name: dict[str, tuple[float, int]] = {}
+        for e in kernels:
+            t, c = by_name.get(e.name[:90], (0.0, 0))
+            by_name[e.name[:90]] = (t + e.device_time / args.steps, c + 1)
+        for name, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:args.top]:
+            print(f"{t / 1e3:8.3f} ms {100 * t / total:5.1f}% x{c // args.steps:4d}  {name}")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_bound.py: needs a CUDA GPU")
+    main()
