@@ -217,15 +217,16 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value, tp, where: str, src: str):
-    """Check `value` against the field type `tp`; ints pass as floats."""
+def _coerce(value, tp, where: str, src: str, nullable: bool = False):
+    """Check `value` against the field type `tp`; ints pass as floats. `nullable`: the field also
+    takes null (said in the message when the value is of neither type)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where, src)
+        return _coerce(value, inner[0], where, src, nullable=type(None) in args)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -244,7 +245,8 @@ def _coerce(value, tp, where: str, src: str):
             if "\x00" in value:
                 raise UserError(f"{where}: contains a NUL byte", src)
             return value
-    raise UserError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", src)
+    expected = f"{_type_name(tp)} or null" if nullable else _type_name(tp)
+    raise UserError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}", src)
 
 
 def _check_range(value, meta, where, src):

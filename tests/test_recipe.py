@@ -42,6 +42,11 @@ def test_bool_is_not_an_int(tmp_path):
     assert "expected int" in error_of(tmp_path, {"fl": {"rounds": True}})
 
 
+def test_a_nullable_field_says_null_is_allowed(tmp_path):
+    assert "channels_last: expected bool or null, got str 'auto'" in error_of(tmp_path, {"channels_last": "auto"})
+    assert "expected str or null" in error_of(tmp_path, {"output": {"name": 3}})
+
+
 def test_out_of_range(tmp_path):
     assert "must be >= 1" in error_of(tmp_path, {"fl": {"batch_size": 0}})
     assert "must be <= 1.0" in error_of(tmp_path, {"method": {"sparsity": {"density": 1.5}}})
