@@ -75,3 +75,26 @@ def test_channels_last_clients_train_as_channels_first_ones(tmp_path, method):
                 assert masks and all(map(layout.is_channels_last, masks))
     for k, v in results["off"].items():
         torch.testing.assert_close(results["on"][k].float(), v.float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_step_takes_its_batch_layout_from_the_model():
+    """A conv with one input channel (or a 1x1 kernel) is both layouts at once: the model counts
+    as channels-last when any conv weight is only channels-last, and every batch follows."""
+    import contextlib
+
+    from fedmef_toolkit.fl.stepgraph import GraphedStep
+
+    def step_of(model):
+        return GraphedStep(model, batch_size=4, momentum=0.0, weight_decay=0.0, agc=0.0,
+                           autocast=contextlib.nullcontext, cuda_graphs=False)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(3))
+    model(torch.randn(1, 1, 8, 8))
+    assert step_of(model).memory_format == torch.contiguous_format
+    model.to(memory_format=torch.channels_last)
+    assert not layout.is_channels_last(model[0].weight)  # (4, 1, 3, 3): contiguous in both layouts
+    step = step_of(model)
+    assert step.memory_format == torch.channels_last
+    step.step(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)), 0.1)  # a channels-first batch is taken
+    assert step.eager_steps == 1

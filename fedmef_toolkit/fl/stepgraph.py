@@ -139,8 +139,8 @@ class GraphedStep:
         self.stream = stream  # where the graph is captured (None: a private side stream)
         # every batch in the model's layout, padded or not, replayed or eager: SAP keeps the first
         # of equal entries in memory order, so the layout must not change from step to step
-        convs = [p for p in model.parameters() if p.dim() == 4]
-        channels_last = bool(convs) and all(map(layout.is_channels_last, convs))
+        # (any: a conv with one input channel or a 1x1 kernel is both layouts at once)
+        channels_last = any(layout.is_channels_last(p) for p in model.parameters() if p.dim() == 4)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.plan = ClientPlan(0.0)
         self.loss_sum = torch.zeros((), device=self.device)
