@@ -5,7 +5,8 @@ that batch bounds any engine that batches clients (`bench_concurrency.py --parts
 a CUDA graph). This script profiles that step eagerly (torch.profiler, CUDA kernels only): GPU
 time per step, the samples/s it allows, kernels per step and the kernels that take the most
 time, for the FedMef model (NSConv, ERK density 0.1, SAP 0.5), the same without SAP and a dense
-BatchNorm model, all channels-last and bf16.
+BatchNorm model, all channels-last and bf16. The update is plain torch.optim.SGD: the client
+step's AGC, gradient masks and BaE term (a few multi-tensor kernels) are not in it.
 
     python benchmarks/profile_bound.py [--arch resnet18] [--batch 640] [--top 22]
 """

@@ -109,6 +109,17 @@ def check_radix_select(dev):
                 assert torch.equal(out[kept].nan_to_num(7.0), x[kept].nan_to_num(7.0)) and not out[~kept].any(), (dtype, n, k)
 
 
+class _Counting:
+    """A kernel launcher that records its launches (which path ran)."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 def check_agc(dev):
     """The fused clipping equals the PyTorch clipping: rows clipped, rows under the bound and
     zero rows (eps), fan-ins below and above a block."""
@@ -128,6 +139,24 @@ def check_agc(dev):
             got = g.to(dev).contiguous(memory_format=fmt)
             clip_rows_(w.to(dev).contiguous(memory_format=fmt), got, 0.1, 1e-3)
             torch.testing.assert_close(got.cpu(), expect, rtol=1e-5, atol=1e-7, msg=f"{shape} {fmt}")
+    import fedmef_toolkit.kernels.agc as agc_kernels
+    from fedmef_toolkit.fl.agc import clip_units_
+
+    for shape in [(8, 1, 3, 3), (8, 8, 1, 1), (8, 4, 3, 3)]:  # depthwise and 1x1: both layouts at once
+        w = torch.randn(shape, generator=gen).to(dev).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape, generator=gen).to(dev) * 10  # contiguous: as a backward may give it
+        scale = (_unit_norms(w).clamp_min(1e-3) * 0.1 / _unit_norms(g).clamp_min(1e-6)).clamp_max(1.0)
+        calls = []
+        original = agc_kernels._agc_rows
+        agc_kernels._agc_rows = _Counting(original, calls)
+        try:
+            got = g.clone()
+            clip_units_(w, got, 0.1)
+        finally:
+            agc_kernels._agc_rows = original
+        fused = shape != (8, 4, 3, 3)  # a strictly channels-last weight and a contiguous gradient: PyTorch
+        assert bool(calls) == fused, shape
+        torch.testing.assert_close(got, g * scale.view(-1, 1, 1, 1), rtol=1e-5, atol=1e-6, msg=str(shape))
     w, g = torch.ones(3, 4), torch.ones(3, 4)
     w[0, 1], g[1, 2] = float("nan"), float("nan")  # a diverged row stays NaN, the others are clipped
     got = g.to(dev)

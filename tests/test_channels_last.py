@@ -78,8 +78,8 @@ def test_channels_last_clients_train_as_channels_first_ones(tmp_path, method):
 
 
 def test_a_step_takes_its_batch_layout_from_the_model():
-    """A conv with one input channel (or a 1x1 kernel) is both layouts at once: the model counts
-    as channels-last when any conv weight is only channels-last, and every batch follows."""
+    """A 1x1 conv (or one with one input channel) is both layouts at once: the model counts as
+    channels-last when any conv weight is only channels-last, and every batch is put in it."""
     import contextlib
 
     from fedmef_toolkit.fl.stepgraph import GraphedStep
@@ -88,13 +88,13 @@ def test_a_step_takes_its_batch_layout_from_the_model():
         return GraphedStep(model, batch_size=4, momentum=0.0, weight_decay=0.0, agc=0.0,
                            autocast=contextlib.nullcontext, cuda_graphs=False)
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(),
-                                torch.nn.LazyLinear(3))
-    model(torch.randn(1, 1, 8, 8))
-    assert step_of(model).memory_format == torch.contiguous_format
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(layout.is_channels_last(args[0])))
+    batch = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    step_of(model).step(*batch, 0.1)
     model.to(memory_format=torch.channels_last)
-    assert not layout.is_channels_last(model[0].weight)  # (4, 1, 3, 3): contiguous in both layouts
-    step = step_of(model)
-    assert step.memory_format == torch.channels_last
-    step.step(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)), 0.1)  # a channels-first batch is taken
-    assert step.eager_steps == 1
+    assert not layout.is_channels_last(model[0].weight)  # (4, 3, 1, 1): contiguous in both layouts
+    step_of(model).step(*batch, 0.1)  # a channels-first batch, converted by the step
+    assert seen == [False, True]

@@ -50,6 +50,7 @@ def test_bae_plans_travel_with_their_penalty_or_without_one():
     from fedmef_toolkit.fl.plan import MaskedWeightPenalty
     from fedmef_toolkit.fl.strategies.fedmef import BaEPlan
     from fedmef_toolkit.recipe import BaESpec
+    from fedmef_toolkit.sparse.schedules import bae_step_size
 
     g = torch.Generator().manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
@@ -60,7 +61,7 @@ def test_bae_plans_travel_with_their_penalty_or_without_one():
     for targets in ({"0": low}, {}):
         penalty.set_(targets, 0.2)
         request = {"0": (int(low.sum()), ~mask | low)} if targets else None
-        plan = BaEPlan(0.1, request, False, penalty, BaESpec(lam=0.2), lr0=0.1, window_offset=0)
+        plan = BaEPlan(0.001, request, False, penalty, BaESpec(lam=0.2), lr0=0.1, window_offset=0)
         arrays, cfg = codec.encode_plan(plan, {"0": mask})
         back = codec.decode_plan(arrays, cfg, {"0": mask}, "cpu")
         if targets:
@@ -69,8 +70,10 @@ def test_bae_plans_travel_with_their_penalty_or_without_one():
             assert torch.equal(back.request["0"][1], ~mask | low) and back.request["0"][0] == int(low.sum())
         else:
             assert back.penalty() is None and back.request is None
-        back.begin(model, total_steps=4)
-        assert float(back.step_lr(0, model)) >= 0.1  # BaE's step size: at least eta
+        back.begin(model, total_steps=4)  # BaE's step size from ||theta_low|| (0 without targets)
+        norm = float((model[0].weight.detach() * low).norm()) if targets else 0.0
+        mu = float(back.step_lr(0, model))
+        assert mu == pytest.approx(bae_step_size(0, 4, 0.001, 0.1, norm)) and (mu > 0.0011) == bool(targets)
 
 def test_state_codec_is_exact_and_counts_what_accounting_counts():
     g = torch.Generator().manual_seed(0)

@@ -144,7 +144,7 @@ def test_bae_penalty_gradient_and_step_size():
         weights = [mods[n].weight for n in penalty.masks]
         grads = [torch.randn_like(w) for w in weights]
         before = [g.clone() for g in grads]
-        penalty.add_grad_(list(penalty.masks), [w.detach() for w in weights], grads)
+        penalty.add_grad_([w.detach() for w in weights], grads)
         auto = torch.autograd.grad(penalty.value(weights), weights)
         sq = sum(float((mods[n].weight.detach()[m] ** 2).sum()) for n, m in low.items())
         for n, g, g0, a in zip(penalty.masks, grads, before, auto):
@@ -161,14 +161,16 @@ def test_bae_penalty_gradient_and_step_size():
         assert float(plan.step_lr(4, model)) == pytest.approx(bae_step_size(4, 10, 0.001, 0.1, l1), rel=1e-5)
     penalty.set_({}, 0.0)  # a round without extrusion: no term at all
     grads = [torch.ones_like(w) for w in weights]
-    penalty.add_grad_(list(penalty.masks), [w.detach() for w in weights], grads)
+    penalty.add_grad_([w.detach() for w in weights], grads)
     assert all(torch.equal(g, torch.ones_like(g)) for g in grads) and not penalty.active
-    penalty = MaskedWeightPenalty("l2sq", {n: m.weight for n, m in mods.items()})
-    penalty.set_(low, 0.5)  # a subset of layers (e.g. those with a gradient): only they change
-    name = next(iter(low))
-    grad = torch.zeros_like(mods[name].weight)
-    penalty.add_grad_([name], [mods[name].weight.detach()], [grad])
-    assert torch.allclose(grad, mods[name].weight.detach() * low[name] * 1.0)
+    for kind in ("l2sq", "l2"):  # a weight without a gradient gets none; the others autograd's (all norms count)
+        penalty = MaskedWeightPenalty(kind, {n: m.weight for n, m in mods.items()})
+        penalty.set_(low, 0.5)
+        assert list(penalty.masks)[-1] in low  # the layer without a gradient has targets: its norm counts
+        grads = [torch.zeros_like(w) for w in weights[:-1]] + [None]
+        penalty.add_grad_([w.detach() for w in weights], grads)
+        auto = torch.autograd.grad(penalty.value(weights), weights)
+        assert grads[-1] is None and all(torch.allclose(g, a, atol=1e-6) for g, a in zip(grads[:-1], auto[:-1])), kind
     with pytest.raises(KeyError, match="no such layer"):
         penalty.set_({"nope": torch.ones(1)}, 0.1)
 

@@ -41,8 +41,8 @@ def clip_units_(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3
     """Scale the gradient `g` of `w` in place so each unit's norm is at most clip * max(||w_unit||, eps).
     One fused kernel on a GPU (kernels/agc.py) where both have one layout (contiguous or
     channels-last: each unit's row is contiguous in memory)."""
-    if (use_triton(g) and w.dim() > 1 and w.shape == g.shape and w.stride() == g.stride()
-            and (w.is_contiguous() or layout.is_channels_last(w))):  # rows contiguous in memory
+    same_rows = (w.is_contiguous() and g.is_contiguous()) or (layout.is_channels_last(w) and layout.is_channels_last(g))
+    if use_triton(g) and w.dim() > 1 and w.shape == g.shape and same_rows:  # each unit one row of memory, one order
         from ..kernels.agc import clip_rows_
 
         clip_rows_(w, g, clip, eps)

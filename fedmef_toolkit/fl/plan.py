@@ -78,18 +78,22 @@ class MaskedWeightPenalty:
         return self.lam * (sq if self.kind == "l2sq" else torch.sqrt(sq + 1e-24))
 
     @torch.no_grad()
-    def add_grad_(self, names: list[str], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """grads += d value / d weights, in place, for the layers `names` (a layer left out, e.g.
-        one without a gradient, gets nothing; the norm of "l2" is over the given layers)."""
-        if not names:
+    def add_grad_(self, weights: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """grads += d value / d weights, in place; both lists in the order of `masks`, a gradient
+        None where a weight has none (it gets nothing; its weight still counts in the norm)."""
+        live = [(n, w, g) for n, w, g in zip(self.masks, weights, grads) if g is not None]
+        if not live:
             return
         if self.kind == "l2sq":
-            torch._foreach_addcmul_(grads, weights, [self.scaled[n] for n in names])
+            torch._foreach_addcmul_([g for _, _, g in live], [w for _, w, _ in live], [self.scaled[n] for n, _, _ in live])
             return
-        low = torch._foreach_mul(weights, [self.masks[n] for n in names])
+        low = torch._foreach_mul(weights, list(self.masks.values()))
         sq = torch.stack(torch._foreach_norm(low)).square().sum()
-        torch._foreach_mul_(low, self.lam * torch.rsqrt(sq + 1e-24))
-        torch._foreach_add_(grads, low)
+        coef = self.lam * torch.rsqrt(sq + 1e-24)
+        keep = [i for i, g in enumerate(grads) if g is not None]
+        parts = [low[i] for i in keep]
+        torch._foreach_mul_(parts, coef)
+        torch._foreach_add_([grads[i] for i in keep], parts)
 
 
 class ClientPlan:

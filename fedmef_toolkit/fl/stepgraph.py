@@ -158,7 +158,7 @@ class GraphedStep:
         self.replays = self.eager_steps = self.captures = 0
         self.eager_why: dict[str, int] = {}  # why steps ran eagerly, with CUDA graphs on
         self._bound_key = None
-        self._penalized: list[tuple[str, int]] = []  # the penalty's layers: (name, index into params)
+        self._penalized: list[tuple[torch.Tensor, int | None]] = []  # the penalty's weights, in its order
         self.binds = 0  # how often the step's tensors were collected anew (each drops the graph)
         self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
@@ -225,10 +225,9 @@ class GraphedStep:
         total = loss if extra is None else loss + extra
         grads = list(torch.autograd.grad(total, self.params, allow_unused=True))
         with torch.no_grad():
-            live = [(n, i) for n, i in self._penalized if grads[i] is not None]
-            if live:
-                self.plan.penalty().add_grad_([n for n, _ in live], [self.params[i] for _, i in live],
-                                              [grads[i] for _, i in live])
+            if self._penalized:
+                self.plan.penalty().add_grad_([w for w, _ in self._penalized],
+                                              [None if i is None else grads[i] for _, i in self._penalized])
             self._update(grads)
             self.loss_sum.add_(loss.detach().float())
             self.started.fill_(1.0)
@@ -296,8 +295,9 @@ class GraphedStep:
         self.masks = [m for _, m in pairs]
         self._clipped = [index[id(p)] for p in agc_weights(self.model) if id(p) in index] if self.agc > 0 else []
         penalty, modules = self.plan.penalty(), prunable_modules(self.model)
-        self._penalized = [(n, index[id(modules[n].weight)]) for n in (penalty.masks if penalty is not None else ())
-                           if id(modules[n].weight) in index]  # trainable ones only
+        # every penalised weight (its norm counts), with its index into params (None: not trained)
+        self._penalized = [(modules[n].weight, index.get(id(modules[n].weight)))
+                           for n in (penalty.masks if penalty is not None else ())]
         self.binds += 1
         self._bound_key = key
 
