@@ -41,9 +41,10 @@ from fedmef_toolkit.sap.packing import sync_free_packing
 from fedmef_toolkit.sparse.masks import apply_masks, attach_masks, init_masks
 
 
-def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cuda.Stream,
-                  density: float = 0.1, channels_last: bool = False):
-    """A client model whose whole SGD step is one CUDA graph (returned; replay() runs the step)."""
+def model_step(arch: str, norm: str, sap: float, batch: int, density: float = 0.1, channels_last: bool = False):
+    """(step, optimizer): one SGD step (forward under bf16 autocast, backward, plain SGD update,
+    no zero_grad) of a fresh 10-class model on a fixed random batch; NSConv masks at `density`
+    (ERK), SAP at gamma `sap` (0: off)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = get_model(arch, 10, norm=norm).cuda().to(memory_format=fmt)
     if density < 1:
@@ -62,7 +63,13 @@ def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cu
         loss.backward()
         opt.step()
 
-    return capture(step, opt, stream)
+    return step, opt
+
+
+def captured_step(arch: str, norm: str, sap: float, batch: int, stream: torch.cuda.Stream,
+                  density: float = 0.1, channels_last: bool = False):
+    """A client model whose whole SGD step is one CUDA graph (returned; replay() runs the step)."""
+    return capture(*model_step(arch, norm, sap, batch, density, channels_last), stream)
 
 
 def capture(step, opt: torch.optim.Optimizer, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:

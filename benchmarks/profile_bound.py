@@ -16,36 +16,22 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from fedmef_toolkit.models import get_model
-from fedmef_toolkit.sap import enable_sap
-from fedmef_toolkit.sparse.masks import apply_masks, attach_masks, init_masks
+from bench_concurrency import model_step  # run as a script: benchmarks/ is on sys.path
 
 CONFIGS = [("NSConv, density 0.1, SAP 0.5", "nsconv", 0.5, 0.1), ("NSConv, density 0.1, no SAP", "nsconv", 0.0, 0.1),
            ("BatchNorm, dense", "bn", 0.0, 1.0)]
 
 
 def eager_step(arch: str, norm: str, sap: float, density: float, batch: int):
-    model = get_model(arch, 10, norm=norm).cuda().to(memory_format=torch.channels_last)
-    if density < 1:
-        attach_masks(model, {k: v.cuda() for k, v in init_masks(model, density, "erk", "random", 0).items()})
-        apply_masks(model)
-    if sap:
-        enable_sap(model, sap)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(batch, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device="cuda")
+    """The model step of `bench_concurrency.model_step`, channels-last, run eagerly (zero_grad first)."""
+    step, opt = model_step(arch, norm, sap, batch, density, channels_last=True)
 
-    def step():
+    def run():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-    return step
+        step()
+    return run
 
 
 def main():
