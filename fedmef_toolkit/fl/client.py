@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,10 @@ class ClientTrainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def worker_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` to train clients on, in this trainer's memory format."""
+        return self.prepare_worker(copy.deepcopy(model))
 
     def step_for(self, model: nn.Module) -> GraphedStep:
         """The local step on `model` (one per model, kept across clients: its CUDA graph is

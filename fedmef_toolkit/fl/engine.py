@@ -11,7 +11,6 @@ resolves `fl.engine` (auto, sequential, batched, flower) and says why.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn as nn
@@ -28,7 +27,7 @@ class SequentialEngine:
 
     def run_round(self, t: int, global_model: nn.Module, clients: list[ClientData], make_plan) -> list[ClientResult]:
         if self.worker is None:
-            self.worker = self.trainer.prepare_worker(copy.deepcopy(global_model))
+            self.worker = self.trainer.worker_copy(global_model)
         state = global_model.state_dict()
         results = []
         device = next(global_model.parameters()).device

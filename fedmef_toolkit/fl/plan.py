@@ -39,6 +39,9 @@ class MaskedWeightPenalty:
         self.lam = torch.zeros((), dtype=dtype, device=first.device)
         self.targets: tuple[str, ...] = ()  # the layers `set_` gave masks (the others' are zero)
         self.lam_value = 0.0  # what `lam` holds, on the host
+        # its tensors are only ever written in place: their addresses, read at every step, are fixed
+        tensors = [self.lam, *self.masks.values(), *self.scaled.values()]
+        self._graph_key = (id(self), kind, tuple(t.data_ptr() for t in tensors))
 
     @torch.no_grad()
     def set_(self, targets: dict[str, torch.Tensor], lam: float) -> None:
@@ -64,8 +67,7 @@ class MaskedWeightPenalty:
 
     def graph_key(self) -> tuple:
         """What a graph of a step that applies this penalty reads: its tensors' addresses."""
-        tensors = [self.lam, *self.masks.values(), *self.scaled.values()]
-        return (id(self), self.kind, tuple(t.data_ptr() for t in tensors))
+        return self._graph_key
 
     def norm(self, weights: list[torch.Tensor], order: int = 2) -> torch.Tensor:
         """||theta_m|| (L1 with order=1) of `weights`, listed in the order of `masks`."""

@@ -36,7 +36,6 @@ next round-start wait, which orders it after that aggregation.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ def client_bytes(trainer: ClientTrainer, model: nn.Module) -> int:
     from ..memory.measure import saved_tensor_bytes
 
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    probe = trainer.prepare_worker(copy.deepcopy(model))  # as a worker will train it
+    probe = trainer.worker_copy(model)  # as a worker will train it
     x = trainer.augment.normalize(trainer.train_x[:trainer.batch_size])
     y = trainer.train_y[:trainer.batch_size]
     dtype = torch.bfloat16 if trainer.precision == "bf16" and x.is_cuda else None
@@ -133,7 +132,7 @@ class StreamsEngine:
         count = min(self.capacity, clients)
         device = self.trainer.train_x.device
         while len(self.workers) < count:
-            replica = self.trainer.prepare_worker(copy.deepcopy(model))
+            replica = self.trainer.worker_copy(model)
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.workers.append(Worker(replica, self.trainer.new_step(replica, stream), stream))
         return self.workers[:count]

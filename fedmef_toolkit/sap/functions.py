@@ -70,7 +70,6 @@ class _SavedInput:
         if cfg.gamma == 0.0:
             ctx.packing = "dense"
             return [x]
-        ctx.channels_last = layout.is_channels_last(x)
         rows = selection_rows(x, cfg)
         ctx.rows_shape = rows.shape
         if cfg.per_sample and use_triton(x):
@@ -92,7 +91,7 @@ class _SavedInput:
             rows = unpack_rows(saved[0], saved[1], saved[2], ctx.rows_shape, ctx.keep)
         else:
             rows = unpack_activation(saved[0], saved[1], ctx.rows_shape)
-        return layout.from_rows(rows, ctx.x_shape, ctx.channels_last)
+        return layout.from_rows(rows, ctx.x_shape, ctx.memory_format == torch.channels_last)
 
 
 class SAPConv2dFunction(torch.autograd.Function):

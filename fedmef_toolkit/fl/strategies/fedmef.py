@@ -48,11 +48,6 @@ def growth_upload_bytes(result) -> int:
     return state_bytes(result.state) + message_bytes(result.upload.get("grow", {}).values())
 
 
-def masked_sq_norm(pairs) -> torch.Tensor:
-    """sum over (weight, mask) pairs of ||weight * mask||^2: ||theta_low||^2."""
-    return sum(((w * m) ** 2).sum() for w, m in pairs)
-
-
 class GrowthPlan(ClientPlan):
     """After local training, send the top-k_l gradient entries among each layer's candidates.
     `penalty`: BaE's term, carried with lam 0 in rounds that do not extrude (see
@@ -164,7 +159,7 @@ class FedMef(StaticSparse):
                 mods = prunable_modules(model)
                 like = {n: mods[n].weight for n in get_masks(model)}
                 if fmt is not None:
-                    like = {n: w.contiguous(memory_format=fmt) if w.dim() == 4 else w for n, w in like.items()}
+                    like = {n: torch.empty_like(w, memory_format=fmt) if w.dim() == 4 else w for n, w in like.items()}
                 self.penalty = MaskedWeightPenalty(bae.penalty, like)
             extruding = self._extruding(t)
             self.penalty.set_(self.low if extruding else {}, bae.lam if extruding else 0.0)
@@ -177,7 +172,7 @@ class FedMef(StaticSparse):
     @torch.no_grad()
     def _low_norm(self, model) -> float:
         mods = prunable_modules(model)
-        return float(torch.sqrt(masked_sq_norm((mods[n].weight, m) for n, m in self.low.items())))
+        return float(self.penalty.norm([mods[n].weight for n in self.penalty.masks]))  # its masks: theta_low
 
     def client_plan(self, t, lr, model):
         full = self.recipe.method.sparsity.grow_grad == "full"
