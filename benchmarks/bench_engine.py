@@ -5,7 +5,8 @@ For each recipe x engine x precision it builds the simulator (paper protocol of
 the shipped recipes unless overridden), runs `--rounds` rounds of training
 (no evaluation, no checkpoints) and prints samples/s over the rounds after the
 first (the first pays for warm-up and CUDA-graph capture), seconds per round,
-the peak GPU memory of those rounds and the engine's status line (clients
+the peak GPU memory of those rounds (above what was allocated before the
+configuration was built) and the engine's status line (clients
 trained at once and why, whole-step CUDA graph replays). The "vs sequential"
 column is what `fl.engine: auto` should follow (fl/engine.py AUTO_ON_CUDA). A table at the end; `--json` writes everything.
 
@@ -127,6 +128,10 @@ def host_profiled_round(sim: Simulator, t: int, path: Path) -> dict:
 
 
 def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> dict:
+    # what earlier configurations left allocated is not this one's: its peak is counted above it
+    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    if resident > 2**26:
+        print(f"  note: {resident / 2**30:.2f} GiB still allocated from earlier configurations", flush=True)
     sim = build(recipe_name, engine, precision, args, out_dir)
     cuda = sim.device.type == "cuda"
     times, samples = [], []
@@ -148,7 +153,7 @@ def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) 
     out = {"recipe": recipe_name, "engine": sim.engine_name, "precision": precision,
            "samples_per_s": sum(samples[timed]) / max(sum(times[timed]), 1e-9),
            "s_per_round": sum(times[timed]) / len(times[timed]), "first_round_s": times[0],
-           "peak_gib": torch.cuda.max_memory_allocated(sim.device) / 2**30 if cuda else None,
+           "peak_gib": (torch.cuda.max_memory_allocated(sim.device) - resident) / 2**30 if cuda else None,
            "status": sim.engine.status(), "reason": sim.engine_reason,
            "method": sim.recipe.method.name, "arch": f"{sim.recipe.model.arch}/{sim.recipe.model.norm}",
            "clients_per_round": sim.recipe.fl.clients_per_round, "local_epochs": sim.recipe.fl.local_epochs}

@@ -150,6 +150,22 @@ def test_saved_bytes_match_analytic_count(arch, gamma):
     assert abs(measured["activations"] - analytic) <= 0.02 * analytic + 4096, (measured["activations"], analytic)
 
 
+@pytest.mark.parametrize("norm,gamma", [("bn", 0.0), ("nsconv", 0.5)])
+def test_measuring_saved_bytes_leaves_nothing_alive(norm, gamma):
+    """The measurement's forward graph is freed with its result: nothing of it (or of the
+    model) stays alive once the caller drops the model (the batched engine measures a copy)."""
+    import gc
+    import weakref
+
+    model = MemoryConfig("c", "resnet18", norm, 0.25, 1.0 if norm == "bn" else 0.2, True, gamma).build(10, 16)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    assert saved_tensor_bytes(model, x, y)["activations"] > 0
+    param, module = weakref.ref(next(model.parameters())), weakref.ref(model)
+    del model
+    gc.collect()
+    assert param() is None and module() is None
+
+
 def test_no_dense_copy_of_layer_inputs_under_sap():
     torch.manual_seed(0)
     model = MemoryConfig("c", "resnet18", "nsconv", 0.25, 1.0, True, 0.9).build(10, 16)
