@@ -5,8 +5,10 @@ For each recipe x engine x precision it builds the simulator (paper protocol of
 the shipped recipes unless overridden), runs `--rounds` rounds of training
 (no evaluation, no checkpoints) and prints samples/s over the rounds after the
 first (the first pays for warm-up and CUDA-graph capture), seconds per round,
-the peak GPU memory of those rounds (above what was allocated before the
-configuration was built) and the engine's status line (clients
+the peak GPU memory of those rounds (allocated, and reserved by PyTorch's
+allocator: the second includes the CUDA graphs' private pools, whose
+activations are not "allocated" between replays; both above what earlier
+configurations left) and the engine's status line (clients
 trained at once and why, whole-step CUDA graph replays). The "vs sequential"
 column is what `fl.engine: auto` should follow (fl/engine.py AUTO_ON_CUDA). A table at the end; `--json` writes everything.
 
@@ -128,8 +130,10 @@ def host_profiled_round(sim: Simulator, t: int, path: Path) -> dict:
 
 
 def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) -> dict:
-    # what earlier configurations left allocated is not this one's: its peak is counted above it
+    # what earlier configurations left (PyTorch keeps a cuBLAS workspace per stream used) is not
+    # this one's: its peaks are counted above it
     resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    resident_reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
     if resident > 2**26:
         print(f"  note: {resident / 2**30:.2f} GiB still allocated from earlier configurations", flush=True)
     sim = build(recipe_name, engine, precision, args, out_dir)
@@ -154,6 +158,7 @@ def measure(recipe_name: str, engine: str, precision: str, args, out_dir: Path) 
            "samples_per_s": sum(samples[timed]) / max(sum(times[timed]), 1e-9),
            "s_per_round": sum(times[timed]) / len(times[timed]), "first_round_s": times[0],
            "peak_gib": (torch.cuda.max_memory_allocated(sim.device) - resident) / 2**30 if cuda else None,
+           "peak_reserved_gib": (torch.cuda.max_memory_reserved(sim.device) - resident_reserved) / 2**30 if cuda else None,
            "status": sim.engine.status(), "reason": sim.engine_reason,
            "method": sim.recipe.method.name, "arch": f"{sim.recipe.model.arch}/{sim.recipe.model.norm}",
            "clients_per_round": sim.recipe.fl.clients_per_round, "local_epochs": sim.recipe.fl.local_epochs}
@@ -204,7 +209,7 @@ def main():
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
     print(f"\n{device_name}, rounds 2-{args.rounds} timed, {time.perf_counter() - start:.0f} s in all")
-    print("| recipe | precision | engine | samples/s | s/round | vs sequential | peak GiB | notes |")
+    print("| recipe | precision | engine | samples/s | s/round | vs sequential | peak GiB allocated / reserved | notes |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
@@ -213,7 +218,7 @@ def main():
         base = next((b for b in rows if b.get("engine") == "sequential" and "error" not in b
                      and (b["recipe"], b["precision"]) == (r["recipe"], r["precision"])), None)
         speedup = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        peak = f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"| {r['recipe']} | {r['precision']} | {r['engine']} | {r['samples_per_s']:,.0f} | {r['s_per_round']:.2f} "
               f"| {speedup} | {peak} | {r['status']} |")
     if args.json:
