@@ -89,6 +89,9 @@ def test_prune_and_grow_keeps_count_and_picks_extremes():
     candidates = ~(mask & ~low)
     assert int(grown.sum()) == 5 and bool((grown & ~candidates).sum() == 0)
     assert score[grown].abs().min() >= score[candidates & ~grown].abs().max()
+    # the count the caller knows (no host sync) gives the same masks
+    counted = prune_and_grow(mask, low, score, 5)
+    assert torch.equal(counted[0], new) and torch.equal(counted[1], grown)
 
 
 def test_topk_upload_equals_dense_aggregate_topk():
@@ -106,6 +109,22 @@ def test_topk_upload_equals_dense_aggregate_topk():
     assert torch.equal(got, expected)
     idx, val = topk_message(grads[0], cand, k)  # a client's own message holds its top-k candidates
     assert len(idx) == k and bool(cand.flatten()[idx].all())
+    assert torch.equal(val, grads[0].flatten()[idx])
+
+
+def test_topk_message_asking_more_than_the_candidates_adds_only_zeros():
+    """k above the candidates' count (no host sync counts them): every candidate is sent with its
+    value, the extra entries with 0, so the server's sum of messages is unchanged."""
+    torch.manual_seed(2)
+    g = torch.randn(5, 4)
+    cand = torch.zeros(5, 4, dtype=torch.bool)
+    cand.view(-1)[[1, 6, 13]] = True
+    idx, val = topk_message(g, cand, 7)
+    assert len(idx) == 7 and len(set(idx.tolist())) == 7
+    sent = dict(zip(idx.tolist(), val.tolist()))
+    assert {i for i in sent if cand.view(-1)[i]} == {1, 6, 13}
+    assert all(v == g.view(-1)[i].item() if cand.view(-1)[i] else v == 0.0 for i, v in sent.items())
+    assert torch.equal(sum_messages(g.shape, [(idx, val, 1.0)]), g * cand)
 
 
 def make_trainer(n=40, momentum=0.9):

@@ -223,34 +223,50 @@ def test_streams_round_syncs_the_host_once(tmp_path):
     """Inside a round the host waits for the GPU once, at the end, where it reads the clients'
     losses: a wait in the middle (e.g. reading a finished client's loss) would stop the host
     issuing the other clients' steps while it waits for one stream."""
-    import warnings
-
     sim = simulator(tmp_path, **{**FEDMEF, "model.arch": "resnet_narrow", "model.width": 0.5, "device": "cuda",
                                  "fl.clients_per_round": 4})  # rounds 1 and 3: no adjustment, no BaE
     engine = StreamsEngine(sim.trainer, sim.recipe.seed, 4)
-
-    def run(t, checked=False):
-        sim.strategy.begin_round(t, sim.model)  # the server's part: outside the engine's round
-        lr = round_lr(t, sim.recipe.fl.rounds, sim.recipe.fl.lr, sim.recipe.fl.lr_schedule, sim.recipe.fl.lr_decay)
-        # on the device, as the simulator gives them (CPU indices would cost a copy, and a sync, per batch)
-        clients = [ClientData(c, sim.client_indices[c].to(sim.device)) for c in sim.sample_clients(t)]
-        plans = [sim.strategy.client_plan(t, lr, sim.model) for _ in clients]
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn" if checked else 0)
-            try:
-                results = engine.run_round(t, sim.model, clients, iter(plans).__next__)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return results, caught
-
-    run(1)  # captures the graphs (capturing synchronises); round 3 replays them
-    results, caught = run(3, checked=True)
+    _round_with_sync_check(sim, engine, 1)  # captures the graphs (capturing synchronises); round 3 replays them
+    results, syncs = _round_with_sync_check(sim, engine, 3)
     assert sum(w.step.captures for w in engine.workers) == len(engine.workers), engine.status()
     assert all(type(r.loss) is float for r in results)
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) == 1, (len(syncs), engine.status())
+    assert len(syncs) == 1, (syncs, engine.status())
+
+
+@cuda
+@pytest.mark.parametrize("config", [FEDMEF, {"method.name": "feddst", **ADJUST}], ids=["fedmef", "feddst"])
+def test_adjustment_round_syncs_the_host_once(tmp_path, config):
+    """So does an adjustment round: FedMef's BaE step size and growth-gradient upload, FedDST's
+    mid-training prune and grow on each client (the server counts the swaps between rounds)."""
+    sim = simulator(tmp_path, **{**config, "model.arch": "resnet_narrow", "model.width": 0.5, "device": "cuda",
+                                 "fl.clients_per_round": 4})
+    engine = StreamsEngine(sim.trainer, sim.recipe.seed, 4)
+    _round_with_sync_check(sim, engine, 1)
+    results, syncs = _round_with_sync_check(sim, engine, 2)  # ADJUST: round 2 adjusts the masks
+    assert sum(w.step.captures for w in engine.workers) == len(engine.workers), engine.status()
+    if config is FEDMEF:
+        assert all(r.upload.get("grow") for r in results)
+    assert len(syncs) == 1, (syncs, engine.status())
+
+
+def _round_with_sync_check(sim, engine, t):
+    """(results, where the host synchronised) of round t through `engine`, plans made inside the
+    round as the simulator makes them; the server's part (begin_round) before it, unchecked."""
+    import warnings
+
+    sim.strategy.begin_round(t, sim.model)
+    lr = round_lr(t, sim.recipe.fl.rounds, sim.recipe.fl.lr, sim.recipe.fl.lr_schedule, sim.recipe.fl.lr_decay)
+    # on the device, as the simulator gives them (CPU indices would cost a copy, and a sync, per batch)
+    clients = [ClientData(c, sim.client_indices[c].to(sim.device)) for c in sim.sample_clients(t)]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            results = engine.run_round(t, sim.model, clients, lambda: sim.strategy.client_plan(t, lr, sim.model))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return results, [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 @cuda

@@ -11,7 +11,9 @@ def smallest_active(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.T
     if k <= 0:
         return out
     scores = weight.detach().abs().float().masked_fill(~mask, float("inf")).flatten()
-    out.view(-1)[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    # index_fill_ takes True as a kernel argument; `out[idx] = True` copies it from host memory
+    # first, a host sync inside a FedDST client's round
+    out.view(-1).index_fill_(0, torch.topk(scores, k, largest=False, sorted=False).indices, True)
     return out
 
 
@@ -21,26 +23,29 @@ def largest_inactive(score: torch.Tensor, candidates: torch.Tensor, k: int) -> t
     if k <= 0:
         return out
     s = score.detach().abs().float().masked_fill(~candidates, -1.0).flatten()
-    out.view(-1)[torch.topk(s, k, sorted=False).indices] = True
+    out.view(-1).index_fill_(0, torch.topk(s, k, sorted=False).indices, True)
     return out
 
 
-def prune_and_grow(mask: torch.Tensor, prune: torch.Tensor, grow_score: torch.Tensor):
+def prune_and_grow(mask: torch.Tensor, prune: torch.Tensor, grow_score: torch.Tensor, count: int | None = None):
     """Drop the `prune` entries, then grow as many among the now-inactive entries
-    with the largest |grow_score|. Returns (new mask, grown entries)."""
-    k = int(prune.sum())
+    with the largest |grow_score|. Returns (new mask, grown entries). `count`: how many
+    entries `prune` holds, where the caller knows (else counted: a host sync on a GPU)."""
+    k = int(prune.sum()) if count is None else count
     kept = mask & ~prune
     grown = largest_inactive(grow_score, ~kept, k)
     return kept | grown, grown
 
 
 def topk_message(grad: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's sparse upload: flat indices and values of its k largest-|grad| candidates."""
+    """A client's sparse upload: flat indices and values of its k largest-|grad| candidates.
+    Without a host sync (a client finishing mid-round must not stall the others): where k
+    exceeds the candidates, the extra entries are non-candidates sent with value 0, which
+    change no sum of messages."""
     flat = grad.detach().float().flatten()
     s = flat.abs().masked_fill(~candidates.flatten(), -1.0)
-    k = min(k, int(candidates.sum()))
-    idx = torch.topk(s, k, sorted=False).indices
-    return idx.to(torch.int64), flat[idx]
+    idx = torch.topk(s, min(k, s.numel()), sorted=False).indices
+    return idx.to(torch.int64), torch.where(s[idx] >= 0, flat[idx], 0.0)
 
 
 def sum_messages(shape, messages: list[tuple[torch.Tensor, torch.Tensor, float]], device=None) -> torch.Tensor:

@@ -21,9 +21,13 @@ from .sparse import StaticSparse
 
 
 class LocalAdjustPlan(ClientPlan):
-    def __init__(self, lr: float, fraction: float, full_grad: bool):
+    """Halfway through local training, prune each adjusted layer's k smallest active weights
+    and grow as many inactive entries with the largest local gradient. `swaps`: layer -> k,
+    from the global masks (the server's count), so the client never waits for the GPU."""
+
+    def __init__(self, lr: float, swaps: dict[str, int], full_grad: bool):
         super().__init__(lr)
-        self.fraction, self.full_grad = fraction, full_grad
+        self.swaps, self.full_grad = swaps, full_grad
 
     def begin(self, model, total_steps):
         self.adjust_at = total_steps // 2
@@ -32,13 +36,12 @@ class LocalAdjustPlan(ClientPlan):
         if step != self.adjust_at:
             return
         grads = trainer.effective_weight_grads(model, client, gen, self.full_grad)
-        mods = prunable_modules(model)
+        mods, masks = prunable_modules(model), get_masks(model)
         with torch.no_grad():
-            for name, mask in get_masks(model).items():
-                if bool(mask.all()):
-                    continue
-                low = smallest_active(mods[name].weight, mask, swap_count(self.fraction, int(mask.sum())))
-                new_mask, _ = prune_and_grow(mask, low, grads[name])
+            for name, k in self.swaps.items():
+                mask = masks[name]
+                low = smallest_active(mods[name].weight, mask, k)
+                new_mask, _ = prune_and_grow(mask, low, grads[name], k)
                 mods[name].weight_mask.copy_(new_mask)
                 mods[name].weight.mul_(new_mask)  # grown entries were inactive, so they start at 0
 
@@ -49,10 +52,30 @@ class FedDST(StaticSparse):
 
     dynamic = True
 
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self._swaps: tuple[int, dict[str, int]] | None = None  # (round, layer -> k) of an adjustment round
+
+    def begin_round(self, t, model):
+        sp = self.recipe.method.sparsity
+        self._swaps = None
+        if is_adjustment_round(t, sp.delta_t, sp.t_end):
+            self._swaps_for(t, model)  # counted here, between rounds: client plans then need no host sync
+        return {}
+
+    def _swaps_for(self, t: int, model) -> dict[str, int]:
+        """Layer -> entries each client swaps in adjustment round t (dense layers are not adjusted)."""
+        if self._swaps is None or self._swaps[0] != t:
+            sp = self.recipe.method.sparsity
+            frac = adjustment_fraction(t, sp.alpha, sp.t_end)
+            self._swaps = (t, {name: swap_count(frac, int(mask.sum())) for name, mask in get_masks(model).items()
+                               if not bool(mask.all())})
+        return self._swaps[1]
+
     def client_plan(self, t, lr, model):
         sp = self.recipe.method.sparsity
         if is_adjustment_round(t, sp.delta_t, sp.t_end):
-            return LocalAdjustPlan(lr, adjustment_fraction(t, sp.alpha, sp.t_end), sp.grow_grad == "full")
+            return LocalAdjustPlan(lr, self._swaps_for(t, model), sp.grow_grad == "full")
         return ClientPlan(lr)
 
     def aggregate(self, model, results, t):

@@ -108,6 +108,7 @@ class PruneFL(StaticSparse):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.importance: dict[str, torch.Tensor] = {}
+        self._layers: tuple[int, list[str]] | None = None  # (round, adjustable layers) of a collecting round
 
     @property
     def spec(self) -> PruneFLSpec:
@@ -151,10 +152,21 @@ class PruneFL(StaticSparse):
         """Clients send squared gradients while an adjustment is still ahead."""
         return t <= self.recipe.method.sparsity.t_end
 
+    def begin_round(self, t, model):
+        self._layers = None
+        if self._collecting(t):
+            self._layers_for(t, model)  # read here, between rounds: client plans then need no host sync
+        return {}
+
+    def _layers_for(self, t: int, model) -> list[str]:
+        if self._layers is None or self._layers[0] != t:
+            self._layers = (t, self._adjustable(model))
+        return self._layers[1]
+
     def client_plan(self, t, lr, model):
         if not self._collecting(t):
             return ClientPlan(lr)
-        return SquaredGradPlan(lr, self._adjustable(model), self.recipe.method.sparsity.grow_grad == "full")
+        return SquaredGradPlan(lr, self._layers_for(t, model), self.recipe.method.sparsity.grow_grad == "full")
 
     def aggregate(self, model, results, t):
         super().aggregate(model, results, t)
