@@ -183,36 +183,6 @@ def test_padded_short_batch_trains_as_the_short_batch(gamma):
         assert float(padded.loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-6)
 
 
-def test_padded_short_batch_of_a_batchnorm_model_trains_as_the_short_batch():
-    """With real-rows BatchNorm (layers/batchnorm.py) a BatchNorm model pads its short batches
-    too: the padded step leaves parameters, BatchNorm statistics, momentum and loss as the
-    short batch's step does, and full batches run the plain step. In float64: a batch of two
-    through BatchNorm over 1x1 maps amplifies fp32 rounding to about 6e-5 relative."""
-    from fedmef_toolkit.layers.batchnorm import use_real_rows
-
-    torch.manual_seed(0)
-    ref = get_model("cnn4", 4, norm="bn", width=0.25, image_size=8).double()
-    model = copy.deepcopy(ref)
-    rows = use_real_rows(model)
-    kw = dict(batch_size=8, momentum=0.9, weight_decay=5e-3, agc=0.0, autocast=contextlib.nullcontext,
-              cuda_graphs=False)
-    plain, padded = GraphedStep(ref, pad_short_batches=False, **kw), GraphedStep(model, pad_short_batches=True, **kw)
-    assert padded.pads and padded.rows is rows
-    for s in (plain, padded):
-        s.begin(ClientPlan(0.1))
-    gen = torch.Generator().manual_seed(3)
-    for i, (n, lr) in enumerate([(8, 0.1), (5, 0.3), (8, 0.05), (2, 0.2), (3, 0.1)]):
-        x, y = torch.randn(n, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen)
-        plain.step(x, y, lr)
-        padded.step(x, y, lr)
-        assert not rows.active
-        for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"step {i} (batch of {n}) {name}")
-        for a, b in zip(plain.bufs, padded.bufs):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
-        assert float(padded.loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-10)
-
-
 def test_a_mask_registered_anew_within_a_client_is_the_one_applied():
     """The step re-reads what it works on when a tensor is replaced (here a mask buffer
     assigned anew mid-client, not changed in place): its update applies the new mask."""

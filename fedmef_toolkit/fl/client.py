@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import layout
-from ..layers.batchnorm import use_real_rows
 from ..sparse.masks import prunable_modules
 from .plan import ClientPlan
 from .stepgraph import GraphedStep
@@ -85,13 +84,9 @@ class ClientTrainer:
 
     def prepare_worker(self, model: nn.Module) -> nn.Module:
         """`model` (a worker copy that trains clients) in this trainer's memory format, in place.
-        Its state_dict keeps its values (load_state_dict copies across layouts). On CUDA its
-        BatchNorm layers become `RealRowsBatchNorm2d` (the same tensors), so that its short
-        batches can be padded and replayed from a CUDA graph (fl/stepgraph.py)."""
+        Its state_dict keeps its values (load_state_dict copies across layouts)."""
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.train_x.device.type == "cuda":
-            use_real_rows(model)
         return model
 
     def worker_copy(self, model: nn.Module) -> nn.Module:

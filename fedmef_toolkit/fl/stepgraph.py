@@ -58,14 +58,9 @@ samples contribute exactly nothing, the real ones give the short batch's
 gradient (up to float rounding), and the step replays. Such a model computes
 the weighted loss at every step, so eager and replayed steps stay one
 function, and so does the same model with CUDA graphs off (turning graphs off
-changes no number). BatchNorm would take the padding into its batch
-statistics: a model whose BatchNorm layers are `RealRowsBatchNorm2d`
-(layers/batchnorm.py; `ClientTrainer.prepare_worker` installs them on CUDA)
-pads too, and its padded steps run with those layers' statistics (and
-running-statistics update) over the real rows only, a second graph captured
-beside the first at a client's first step in the same memory pool (the two
-never run at once); its full batches keep the plain step. The CPU does not
-pad: there it would only add work.
+changes no number). BatchNorm models (whose batch statistics padding would
+change) keep running their short batches eagerly. The CPU does not pad: there
+it would only add work.
 
 Before capturing, the step runs once eagerly with CUDA's sync debugging set
 to "error" (and SAP's sync-free packing, as during capture): a step that
@@ -79,7 +74,6 @@ exactly what eager training gives.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -87,7 +81,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import layout
-from ..layers.batchnorm import RealRowsBatchNorm2d, real_rows_of
 from ..sap.functions import SAPConfig, autocast_dtype
 from ..sap.packing import sync_free_packing
 from ..sparse.masks import prunable_modules
@@ -100,14 +93,11 @@ log = logging.getLogger(__name__)
 def batch_mixing_layer(model: nn.Module) -> nn.Module | None:
     """None when no layer of `model` mixes the samples of a training batch, else the first
     layer that does (BatchNorm; instance norm with running statistics, which average over the
-    batch; dropout, whose draws depend on the batch size; SAP selecting over the whole batch);
-    `RealRowsBatchNorm2d` with its `RealRows` does not (its statistics can leave the padding out).
+    batch; dropout, whose draws depend on the batch size; SAP selecting over the whole batch).
     Where none does, a batch padded with zero-weight samples trains the real samples as the
     unpadded batch does. Layers outside this list are trusted: a registered model with its own
     batch-coupled layer must not be trained with `pad_short_batches`."""
     for module in model.modules():
-        if isinstance(module, RealRowsBatchNorm2d) and module.real_rows is not None:
-            continue
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
             return module
         if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
@@ -162,9 +152,7 @@ class GraphedStep:
             self.pads = mixing is None and self.device.type == "cuda"
         else:
             self.pads = pad_short_batches
-        self.rows = real_rows_of(model)  # the real-rows BatchNorm layers' switch and count, if any
-        # real samples in the batch (padded steps): the BatchNorm layers' count where they read one
-        self._count = self.rows.count if self.rows is not None else torch.zeros((), device=self.device)
+        self._count = torch.zeros((), device=self.device)  # real samples in the batch (padded steps)
         self._count_value = 0  # what `_count` holds: it is written only when the batch size changes
         self.refused: str | None = None  # why steps run eagerly, once decided
         self.replays = self.eager_steps = self.captures = 0
@@ -175,7 +163,6 @@ class GraphedStep:
         self._find_tensors()
         self.params: tuple = ()  # the trainable parameters, in the model's order
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._padded_graph: torch.cuda.CUDAGraph | None = None  # real-rows BatchNorm models' padded steps
         self._graph_key = None
         self._first_step = True
 
@@ -197,11 +184,9 @@ class GraphedStep:
         """One local step on batch (x, y) at learning rate `lr`."""
         first, self._first_step = self._first_step, False
         self._bind()
-        real_rows = False  # a padded step of a model with real-rows BatchNorm
         if self.pads:
             n = x.shape[0]
             if 0 < n < self.batch_size:
-                real_rows = self.rows is not None
                 # zeros to the full size (so that the graph replays), weighted out of the loss; also
                 # where no graph replays (graphs off or refused), so that graphs change no number
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
@@ -215,30 +200,23 @@ class GraphedStep:
             self.lr.copy_(lr)
         else:
             self.lr.fill_(lr)
-        replay = self._replayable(x, y, first, real_rows)
-        if self.pads and n != self._count_value:  # a capture just now left the warm-up's count there
-            self._count.fill_(n)
-            self._count_value = n
-        if replay:
+        if self._replayable(x, y, first):
             self._static_x.copy_(x)
             self._static_y.copy_(y)
-            (self._padded_graph if real_rows else self._graph).replay()
+            self._graph.replay()
             self.replays += 1
         else:
-            self._step(x, y, real_rows)
+            self._step(x, y)
             self.eager_steps += 1
             if self.cuda_graphs and self.refused is None:
                 why = "short batches" if x.shape[0] != self.batch_size else "graph inputs changed within a client"
                 self.eager_why[why] = self.eager_why.get(why, 0) + 1
 
     # -- the step: captured, or run eagerly ------------------------------------------------
-    def _step(self, x: torch.Tensor, y: torch.Tensor, real_rows: bool = False) -> None:
-        """`real_rows`: a padded step of a model with real-rows BatchNorm (its layers' statistics
-        over the first `_count` rows); its full batches (False) take the plain mean loss."""
-        rows = self.rows.padded(real_rows) if self.rows is not None else contextlib.nullcontext()
-        with self.autocast(), rows:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.autocast():
             logits = self.model(x)
-            if self.pads and (self.rows is None or real_rows):  # the mean over the real samples (the first `_count`)
+            if self.pads:  # the mean over the real samples (the first `_count`; the rest are padding)
                 real = torch.arange(x.shape[0], device=x.device) < self._count
                 loss = (F.cross_entropy(logits, y, reduction="none") * real).sum() / self._count
             else:
@@ -302,7 +280,7 @@ class GraphedStep:
         key = self._binding_key()
         if key == self._bound_key:
             return
-        self._graph = self._padded_graph = self._graph_key = None
+        self._graph = self._graph_key = None
         params = tuple(p for p in self.model.parameters() if p.requires_grad)
         if tuple(map(id, params)) != tuple(map(id, self.params)):
             dtype = params[0].dtype
@@ -324,7 +302,7 @@ class GraphedStep:
         self._bound_key = key
 
     # -- replay and capture ----------------------------------------------------------------
-    def _replayable(self, x: torch.Tensor, y: torch.Tensor, first: bool, real_rows: bool) -> bool:
+    def _replayable(self, x: torch.Tensor, y: torch.Tensor, first: bool) -> bool:
         if not self.cuda_graphs or self.refused is not None or x.shape[0] != self.batch_size:
             return False
         with self.autocast():
@@ -334,62 +312,50 @@ class GraphedStep:
             if not first:  # only a client's first step has no earlier autograd graph alive
                 return False
             self._capture(x, y, key)
-        return (self._padded_graph if real_rows else self._graph) is not None
+        return self._graph is not None
 
     def _state(self) -> list[torch.Tensor]:
         """Everything a step changes."""
         return [*self.model.parameters(), *self.model.buffers(), *self.bufs, self.started, self.loss_sum]
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
-        """Captures the step (and, for a model with real-rows BatchNorm that pads, its padded
-        step too, in the same memory pool: one worker never runs both at once) on `self.stream`."""
-        self._graph = self._padded_graph = None  # frees the old graphs' memory pool before capturing anew
+        self._graph = None  # frees the old graph's memory pool before capturing anew
         self._static_x, self._static_y = x.detach().clone(), y.detach().clone()
         saved = [t.detach().clone() for t in self._state()]
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         ambient = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(ambient)
-        graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        reason = None
+        graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(self.stream):
-                for real_rows in (False, True) if self.pads and self.rows is not None else (False,):
-                    if real_rows:  # a valid count for the warm-up; the next short batch writes its own
-                        self._count.fill_(self.batch_size)
-                        self._count_value = self.batch_size
-                    reason = self._host_sync_in_step(real_rows)
-                    if reason is not None:
-                        break
-                    graph = torch.cuda.CUDAGraph()
-                    pool = graphs[False].pool() if graphs else None
+                reason = self._host_sync_in_step()
+                if reason is None:
                     try:
-                        with sync_free_packing(), torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                            self._step(self._static_x, self._static_y, real_rows)
+                        with sync_free_packing(), torch.cuda.graph(graph, stream=self.stream):
+                            self._step(self._static_x, self._static_y)
                     except (RuntimeError, AssertionError) as e:
                         reason = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-                        break
-                    graphs[real_rows] = graph
         finally:
             ambient.wait_stream(self.stream)
-            with torch.no_grad():  # the warm-up steps must leave nothing behind
+            with torch.no_grad():  # the warm-up step must leave nothing behind
                 for t, s in zip(self._state(), saved):
                     t.copy_(s)
         if reason is not None:
             self.refused = reason
             log.warning("CUDA graphs off for this run: %s", reason)
             return
-        self._graph, self._padded_graph, self._graph_key = graphs[False], graphs.get(True), key
+        self._graph, self._graph_key = graph, key
         self.captures += 1
 
-    def _host_sync_in_step(self, real_rows: bool = False) -> str | None:
+    def _host_sync_in_step(self) -> str | None:
         """Run the step once eagerly with host syncs turned into errors."""
         torch.cuda.synchronize(self.device)
         previous = torch.cuda.get_sync_debug_mode()
         try:
             with sync_free_packing():
                 torch.cuda.set_sync_debug_mode("error")
-                self._step(self._static_x, self._static_y, real_rows)
+                self._step(self._static_x, self._static_y)
         except RuntimeError as e:
             return f"the step synchronises with the host ({str(e).splitlines()[0][:120]})"
         finally:
