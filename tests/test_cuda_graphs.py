@@ -23,6 +23,7 @@ from fedmef_toolkit.models import get_model
 from fedmef_toolkit.sap import enable_sap
 from fedmef_toolkit.sparse.adjust import smallest_active
 from fedmef_toolkit.sparse.masks import attach_masks, get_masks, init_masks, prunable_modules
+from fedmef_toolkit.sparse.schedules import swap_count
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (device machine)")
 
@@ -187,7 +188,8 @@ def test_gradient_passes_between_replays_and_bae():
     for graphs in (False, True):
         trainer, model, client = one_nsconv_client(dev, graphs)
         out = []
-        out.append(trainer.train(model, client, LocalAdjustPlan(0.01, 0.3, False), client_generator(0, 1, 0, dev)))
+        swaps = {k: swap_count(0.3, int(m.sum())) for k, m in get_masks(model).items() if not bool(m.all())}
+        out.append(trainer.train(model, client, LocalAdjustPlan(0.01, swaps, False), client_generator(0, 1, 0, dev)))
         mods = prunable_modules(model)
         penalty = MaskedWeightPenalty("l2sq", {k: m.weight for k, m in mods.items()})
         for r in (2, 3):  # two rounds of BaE, each with its own theta_low
