@@ -89,9 +89,11 @@ def test_prune_and_grow_keeps_count_and_picks_extremes():
     candidates = ~(mask & ~low)
     assert int(grown.sum()) == 5 and bool((grown & ~candidates).sum() == 0)
     assert score[grown].abs().min() >= score[candidates & ~grown].abs().max()
-    # the count the caller knows (no host sync) gives the same masks
+    # the count the caller knows (no host sync) gives the same masks; on the CPU a wrong one is caught
     counted = prune_and_grow(mask, low, score, 5)
     assert torch.equal(counted[0], new) and torch.equal(counted[1], grown)
+    with pytest.raises(ValueError, match="count 4, but prune holds 5"):
+        prune_and_grow(mask, low, score, 4)
 
 
 def test_topk_upload_equals_dense_aggregate_topk():
@@ -125,6 +127,9 @@ def test_topk_message_asking_more_than_the_candidates_adds_only_zeros():
     assert {i for i in sent if cand.view(-1)[i]} == {1, 6, 13}
     assert all(v == g.view(-1)[i].item() if cand.view(-1)[i] else v == 0.0 for i, v in sent.items())
     assert torch.equal(sum_messages(g.shape, [(idx, val, 1.0)]), g * cand)
+    g.view(-1)[6] = float("nan")  # a candidate's diverged gradient still reaches the server as NaN
+    idx, val = topk_message(g, cand, 7)
+    assert val[idx == 6].isnan().all() and not val[idx != 6].isnan().any()
 
 
 def make_trainer(n=40, momentum=0.9):

@@ -234,10 +234,12 @@ def test_streams_round_syncs_the_host_once(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("config", [FEDMEF, {"method.name": "feddst", **ADJUST}], ids=["fedmef", "feddst"])
+@pytest.mark.parametrize("config", [FEDMEF, {"method.name": "feddst", **ADJUST}, {"method.name": "prunefl", **ADJUST}],
+                         ids=["fedmef", "feddst", "prunefl"])
 def test_adjustment_round_syncs_the_host_once(tmp_path, config):
     """So does an adjustment round: FedMef's BaE step size and growth-gradient upload, FedDST's
-    mid-training prune and grow on each client (the server counts the swaps between rounds)."""
+    mid-training prune and grow on each client (the server counts the swaps between rounds),
+    PruneFL's squared-gradient upload (its adjustable layers read between rounds)."""
     sim = simulator(tmp_path, **{**config, "model.arch": "resnet_narrow", "model.width": 0.5, "device": "cuda",
                                  "fl.clients_per_round": 4})
     engine = StreamsEngine(sim.trainer, sim.recipe.seed, 4)

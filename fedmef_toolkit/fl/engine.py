@@ -45,10 +45,10 @@ ENGINES = {"sequential": SequentialEngine, "batched": StreamsEngine}
 
 #: what `fl.engine: auto` picks on a GPU: measured alone on one H200 (benchmarks/bench_engine.py,
 #: docs/benchmarks.md, issue 10), the batched engine ran every shipped ResNet18/CIFAR-10 recipe at
-#: 1.15x (FedDST) to 1.66x (sparse FedAvg), FedMef MobileNetV2 at 1.65x and the narrow ResNet at
-#: 2.00x the sequential engine's samples/s (rounds 2-11, a mask adjustment included).
+#: 1.1-1.7x (by method and machine), FedMef MobileNetV2 (CIFAR-10) at 1.65x and the narrow ResNet
+#: at 2.00x the sequential engine's samples/s (rounds 2-11, a mask adjustment included).
 AUTO_ON_CUDA = "batched"
-AUTO_ON_CUDA_WHY = "1.15-2.0x the sequential engine on an H200 for every shipped recipe, docs/benchmarks.md"
+AUTO_ON_CUDA_WHY = "1.1-2.0x the sequential engine on an H200 for every shipped ResNet18/CIFAR-10 recipe, docs/benchmarks.md"
 
 
 def select_engine(requested: str, model: nn.Module, example: torch.Tensor) -> tuple[str, str]:

@@ -30,8 +30,14 @@ def largest_inactive(score: torch.Tensor, candidates: torch.Tensor, k: int) -> t
 def prune_and_grow(mask: torch.Tensor, prune: torch.Tensor, grow_score: torch.Tensor, count: int | None = None):
     """Drop the `prune` entries, then grow as many among the now-inactive entries
     with the largest |grow_score|. Returns (new mask, grown entries). `count`: how many
-    entries `prune` holds, where the caller knows (else counted: a host sync on a GPU)."""
-    k = int(prune.sum()) if count is None else count
+    entries `prune` holds, where the caller knows (else counted: a host sync on a GPU;
+    on the CPU, where counting costs nothing, a given count is checked)."""
+    if count is None or not prune.is_cuda:
+        counted = int(prune.sum())
+        if count is not None and count != counted:
+            raise ValueError(f"prune_and_grow: count {count}, but prune holds {counted} entries")
+        count = counted
+    k = count
     kept = mask & ~prune
     grown = largest_inactive(grow_score, ~kept, k)
     return kept | grown, grown
@@ -45,7 +51,7 @@ def topk_message(grad: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[
     flat = grad.detach().float().flatten()
     s = flat.abs().masked_fill(~candidates.flatten(), -1.0)
     idx = torch.topk(s, min(k, s.numel()), sorted=False).indices
-    return idx.to(torch.int64), torch.where(s[idx] >= 0, flat[idx], 0.0)
+    return idx.to(torch.int64), torch.where(candidates.flatten()[idx], flat[idx], 0.0)
 
 
 def sum_messages(shape, messages: list[tuple[torch.Tensor, torch.Tensor, float]], device=None) -> torch.Tensor:
