@@ -37,9 +37,8 @@ def prune_and_grow(mask: torch.Tensor, prune: torch.Tensor, grow_score: torch.Te
         if count is not None and count != counted:
             raise ValueError(f"prune_and_grow: count {count}, but prune holds {counted} entries")
         count = counted
-    k = count
     kept = mask & ~prune
-    grown = largest_inactive(grow_score, ~kept, k)
+    grown = largest_inactive(grow_score, ~kept, count)
     return kept | grown, grown
 
 
