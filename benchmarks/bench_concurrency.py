@@ -294,6 +294,8 @@ def main() -> None:
     if bad:
         ap.error(f"--parts: {', '.join(bad)} is not one of {', '.join(map(str, PARTS))}")
     args.k = [int(v) for v in args.clients.split(",")]
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_concurrency.py: needs a CUDA GPU (it times CUDA graphs and streams)")
     torch.backends.cudnn.benchmark = True
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for part in parts:

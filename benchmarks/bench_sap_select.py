@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sap_select.py: needs a CUDA GPU (the kernels it times run on one)")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     shapes = recorded_shapes(args.arch, args.batch, args.gamma)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.arch}, batch {args.batch}, {args.dtype}, "
