@@ -174,3 +174,25 @@ def test_nsconv_models_train_at_batch_size_one(arch):
     loss = torch.nn.functional.cross_entropy(model(torch.randn(1, 3, 32, 32)), torch.tensor([3]))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_effective_grad_recording_sums_dl_dw_hat_between_start_and_stop():
+    """What growth reads: the gradient wrt the standardised weight, summed over the backward
+    passes between start and stop; dense where dL/dw is zero at pruned entries."""
+    torch.manual_seed(0)
+    conv = NSConv2d(3, 4, 3, padding=1)
+    conv.register_buffer("weight_mask", (torch.rand_like(conv.weight) < 0.5).float())
+    xs = [torch.randn(2, 3, 5, 5) for _ in range(3)]
+    expect = torch.zeros_like(conv.weight)
+    for x in xs[:2]:
+        w_hat = conv.standardized_weight().detach().requires_grad_(True)
+        expect += torch.autograd.grad(torch.nn.functional.conv2d(x, w_hat, conv.bias, padding=1).square().sum(), w_hat)[0]
+    conv.start_effective_grad()
+    for x in xs[:2]:
+        conv(x).square().sum().backward()
+    got = conv.stop_effective_grad()
+    torch.testing.assert_close(got, expect)
+    assert bool((got[conv.weight_mask == 0] != 0).any())  # dense: pruned entries have a gradient too
+    conv(xs[2]).square().sum().backward()  # after stop nothing is recorded
+    conv.start_effective_grad()
+    assert conv.stop_effective_grad() is None

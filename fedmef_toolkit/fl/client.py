@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import layout
+from ..layers import NSConv2d, layout
 from ..sparse.masks import prunable_modules
 from .plan import ClientPlan
 from .stepgraph import GraphedStep
@@ -162,7 +162,8 @@ class ClientTrainer:
         model.train()
         modules = prunable_modules(model)
         for m in modules.values():
-            m.capture_effective_grad = True
+            if isinstance(m, NSConv2d):
+                m.start_effective_grad()
         model.zero_grad(set_to_none=True)
         n = client.num_samples
         count = 0
@@ -173,11 +174,9 @@ class ClientTrainer:
             count += x.shape[0]
         grads = {}
         for name, m in modules.items():
-            m.capture_effective_grad = False
-            eff = getattr(m, "_effective_grad", None)
+            eff = m.stop_effective_grad() if isinstance(m, NSConv2d) else None
             g = eff if eff is not None else m.weight.grad
             grads[name] = (g.detach().float() * (n / count)) if g is not None else torch.zeros_like(m.weight)
-            m._effective_grad = None
         model.zero_grad(set_to_none=True)
         return grads
 

@@ -192,9 +192,26 @@ class NSConv2d(nn.Conv2d):
         mask = getattr(self, "weight_mask", None)
         return standardize_weight(self.weight, self.gain, mask, self.stats, self.unbiased, self.eps, self.center)
 
+    # the effective-weight gradient being recorded (`start_effective_grad`); class defaults, so
+    # that layers pickled before these existed load and run
+    _recording = False
+    _effective_grad: torch.Tensor | None = None
+
+    def start_effective_grad(self) -> None:
+        """Record, over the backward passes that follow, the loss gradient wrt the standardised
+        weight w_hat (summed). Growth needs it: dL/dw is zero at pruned entries by construction,
+        dL/dw_hat is dense."""
+        self._recording, self._effective_grad = True, None
+
+    def stop_effective_grad(self) -> torch.Tensor | None:
+        """Stop recording; the sum recorded since `start_effective_grad` (None: no backward pass
+        reached w_hat)."""
+        recorded, self._recording, self._effective_grad = self._effective_grad, False, None
+        return recorded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.standardized_weight()
-        if getattr(self, "capture_effective_grad", False) and w.requires_grad:
+        if self._recording and w.requires_grad:
             w.register_hook(self._accumulate_effective_grad)
         if self.sap is not None and self.training and torch.is_grad_enabled():
             from ..sap.functions import sap_conv2d
@@ -208,8 +225,7 @@ class NSConv2d(nn.Conv2d):
         return y
 
     def _accumulate_effective_grad(self, grad: torch.Tensor) -> None:
-        # Growth needs dL/dw_hat (dense), not dL/dw (zero at pruned entries).
-        prev = getattr(self, "_effective_grad", None)
+        prev = self._effective_grad
         self._effective_grad = grad.detach().clone() if prev is None else prev + grad.detach()
 
     def extra_repr(self) -> str:
