@@ -194,5 +194,4 @@ def test_effective_grad_recording_sums_dl_dw_hat_between_start_and_stop():
     torch.testing.assert_close(got, expect)
     assert bool((got[conv.weight_mask == 0] != 0).any())  # dense: pruned entries have a gradient too
     conv(xs[2]).square().sum().backward()  # after stop nothing is recorded
-    conv.start_effective_grad()
     assert conv.stop_effective_grad() is None

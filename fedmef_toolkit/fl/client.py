@@ -161,20 +161,23 @@ class ClientTrainer:
         """
         model.train()
         modules = prunable_modules(model)
-        for m in modules.values():
-            if isinstance(m, NSConv2d):
-                m.start_effective_grad()
+        recording = {name: m for name, m in modules.items() if isinstance(m, NSConv2d)}
+        for m in recording.values():
+            m.start_effective_grad()
         model.zero_grad(set_to_none=True)
         n = client.num_samples
         count = 0
-        for x, y in self.batches(client, gen, 1, steps=None if full else 1):
-            with self.autocast():
-                loss = F.cross_entropy(model(x), y, reduction="sum") / n
-            loss.backward()
-            count += x.shape[0]
+        try:
+            for x, y in self.batches(client, gen, 1, steps=None if full else 1):
+                with self.autocast():
+                    loss = F.cross_entropy(model(x), y, reduction="sum") / n
+                loss.backward()
+                count += x.shape[0]
+        finally:  # an interrupted pass must not leave the layers recording into later steps
+            effective = {name: m.stop_effective_grad() for name, m in recording.items()}
         grads = {}
         for name, m in modules.items():
-            eff = m.stop_effective_grad() if isinstance(m, NSConv2d) else None
+            eff = effective.get(name)
             g = eff if eff is not None else m.weight.grad
             grads[name] = (g.detach().float() * (n / count)) if g is not None else torch.zeros_like(m.weight)
         model.zero_grad(set_to_none=True)
