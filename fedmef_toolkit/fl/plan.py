@@ -69,10 +69,13 @@ class MaskedWeightPenalty:
         """What a graph of a step that applies this penalty reads: its tensors' addresses."""
         return self._graph_key
 
+    def _masked(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """theta_m: each weight (detached) times its mask; `weights` in the order of `masks`."""
+        return torch._foreach_mul([w.detach() for w in weights], list(self.masks.values()))
+
     def norm(self, weights: list[torch.Tensor], order: int = 2) -> torch.Tensor:
         """||theta_m|| (L1 with order=1) of `weights`, listed in the order of `masks`."""
-        low = torch._foreach_mul([w.detach() for w in weights], list(self.masks.values()))
-        return torch.stack(torch._foreach_norm(low, order)).norm(order)
+        return torch.stack(torch._foreach_norm(self._masked(weights), order)).norm(order)
 
     def value(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """The term itself, differentiable (autograd); `weights` in the order of `masks`."""
@@ -89,7 +92,7 @@ class MaskedWeightPenalty:
         if self.kind == "l2sq":
             torch._foreach_addcmul_([g for _, _, g in live], [w for _, w, _ in live], [self.scaled[n] for n, _, _ in live])
             return
-        low = torch._foreach_mul(weights, list(self.masks.values()))
+        low = self._masked(weights)
         sq = torch.stack(torch._foreach_norm(low)).square().sum()
         coef = self.lam * torch.rsqrt(sq + 1e-24)
         keep = [i for i, g in enumerate(grads) if g is not None]

@@ -155,14 +155,18 @@ def _standardize_bwd(w_ptr, m_ptr, g_ptr, gy_ptr, dw_ptr, dg_ptr, fan_in, eps, H
         tl.store(dw_ptr + base + idx, dw, mask=inb)
 
 
+def _rows_like(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """t (weight-shaped) as (out, fan_in) rows in the weight's memory order."""
+    return layout.rows(t.contiguous(memory_format=layout.memory_format(weight)), weight.shape[0])
+
+
 def _rows(weight: torch.Tensor, mask: torch.Tensor | None):
     """Weight and mask as (out, fan_in) rows in the weight's memory order (a channel's
     statistics do not depend on the order of its fan-in)."""
-    out_ch = weight.shape[0]
-    w2 = layout.rows(weight, out_ch)
+    w2 = layout.rows(weight, weight.shape[0])
     m2 = None
     if mask is not None:
-        m2 = layout.rows(mask.contiguous(memory_format=layout.memory_format(weight)), out_ch)
+        m2 = _rows_like(mask, weight)
         if m2.dtype == torch.bool:
             m2 = m2.view(torch.uint8)
     fan_in = w2.shape[1]
@@ -187,7 +191,7 @@ def standardize_forward(weight, gain, mask, active: bool, unbiased: bool, eps: f
 def standardize_backward(grad, weight, gain, mask, active: bool, unbiased: bool, eps: float, center: bool = True):
     """(dL/dweight, dL/dgain) given dL/dw_hat."""
     w2, m2, fan_in, block = _rows(weight, mask)
-    gy = layout.rows(grad.contiguous(memory_format=layout.memory_format(weight)), w2.shape[0])
+    gy = _rows_like(grad, weight)
     dw = torch.empty_like(w2)
     dg = torch.empty(w2.shape[0], dtype=torch.float32, device=w2.device)
     _standardize_bwd[(w2.shape[0],)](w2, w2 if m2 is None else m2, gain, gy, dw, dg, fan_in, eps,
